@@ -1,0 +1,35 @@
+# emaweights: `make demo` runs the main job, `make test` runs the whole suite.
+# Both create .venv on first use. torch is pinned to the CPU build for dev/CI;
+# the library itself only requires torch>=2.4.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+EXTRAS := dev,bench,lightning,transformers,accelerate,peft,safetensors
+
+.PHONY: demo test lint typecheck venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_PIN)"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/emaweights demo $(ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff format --check src tests examples
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+test: lint typecheck
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache
