@@ -1,0 +1,45 @@
+"""The ``emaweights`` command: argument dispatch only.
+
+Each sub-command lives in its own module with a ``main(argv) -> int``; this file
+only maps names to them, imported on demand so ``emaweights --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "emaweights.bench.demo:main",
+        "fine-tune with and without an EMA and report forgetting",
+    ),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: emaweights COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `emaweights COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``) to a sub-command; return its exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"emaweights: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name][0].split(":")
+    code: int = getattr(importlib.import_module(module), func)(rest)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

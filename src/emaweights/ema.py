@@ -1,0 +1,408 @@
+r"""The exponential moving average of a model's weights.
+
+After every optimizer step :math:`t` (or every ``update_every`` steps), with the
+decay :math:`\beta_t` of a :mod:`~emaweights.schedules` schedule:
+
+.. math::
+    \bar\theta_t = \beta_t\,\bar\theta_{t-1} + (1 - \beta_t)\,\theta_t ,
+    \qquad \bar\theta_0 = \theta_0 .
+
+Unrolled for a constant decay, the average still weighs the starting weights by
+:math:`\beta^T` (:attr:`EMA.init_weight`):
+
+.. math::
+    \bar\theta_T = \beta^T\theta_0 + (1-\beta)\sum_{t=1}^{T}\beta^{T-t}\theta_t .
+
+For fine-tuning that term is the point: it anchors the average to the
+pre-trained weights (``anchor="init"``, the default). For training from scratch
+it is a lag; ``anchor="debiased"`` removes it exactly,
+
+.. math::
+    \hat\theta_T = \frac{\bar\theta_T - P_T\,\theta_0}{1 - P_T}, \qquad
+    P_T = \prod_{t \le T} \beta_t ,
+
+computed in place with the weight :math:`w_t = (1-\beta_t)/(1-P_t)` per update, so
+it costs no extra memory and the shadow stays swappable by pointer.
+
+The seed API works as written: ``EMA(model, 0.999)``, ``register()``,
+``update()``, ``apply_shadow()``, ``restore()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from emaweights._naming import BufferPolicy, collect, unwrap
+from emaweights.schedules import Schedule, as_schedule, schedule_from_dict
+from emaweights.shadow import Shadow, SwapRecord
+
+__all__ = ["EMA", "SwapError"]
+
+Anchor = Literal["init", "debiased"]
+_FORMAT = "emaweights.EMA"
+_VERSION = 1
+# The full (per-tensor) check of the model's tensors runs on the first update and
+# then every this many updates: cheap amortized, and nothing per tensor per step.
+_CHECK_EVERY = 100
+
+
+class SwapError(RuntimeError):
+    """The averaged weights were misused while swapped in, or swapping was misused."""
+
+
+def _positive_int(value: object, what: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class EMA:
+    r"""Keep an exponential moving average ("shadow") of a model's weights.
+
+    Args:
+        model: the model, bare or wrapped (DDP, ``torch.compile``); names are
+            canonical, so an EMA made before wrapping works after, and vice versa.
+        decay: a constant :math:`\beta` in [0, 1] or a
+            :class:`~emaweights.schedules.Schedule`.
+        update_every: average only every ``k`` optimizer steps; the decay of one
+            update is the product of the ``k`` per-step decays (``beta**k`` for a
+            constant), so the horizon in optimizer steps does not change.
+        start_step: until this optimizer step the shadow copies the live weights;
+            the average starts from the weights at that step.
+        anchor: ``"init"`` keeps the weight :math:`P_T` on the starting weights
+            (retains pre-trained knowledge); ``"debiased"`` removes it.
+        dtype: shadow dtype of averaged tensors; default at least float32.
+        device: shadow device; default each tensor's own device.
+        include_frozen: also average parameters with ``requires_grad=False``.
+        exclude: glob patterns of canonical names to leave out.
+        buffers: floating buffers ``"average"`` (default), ``"copy"`` or
+            ``"ignore"``; integer buffers are always copied (unless ignored).
+        foreach: kernel choice (``None``: the fastest available).
+
+    Raises:
+        ValueError: an argument is out of range (the message names the value),
+            or the model has no tensor to average.
+
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float | Schedule = 0.999,
+        *,
+        update_every: int = 1,
+        start_step: int = 0,
+        anchor: Anchor = "init",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        include_frozen: bool = False,
+        exclude: Sequence[str] = (),
+        buffers: BufferPolicy = "average",
+        foreach: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.schedule = as_schedule(decay)
+        self.update_every = _positive_int(update_every, "update_every")
+        self.start_step = _positive_int(start_step, "start_step", minimum=0)
+        if anchor not in ("init", "debiased"):
+            raise ValueError(f"anchor must be 'init' or 'debiased', got {anchor!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if isinstance(exclude, str):
+            raise TypeError(f"exclude must be a sequence of patterns, got the string {exclude!r}")
+        self.anchor: Anchor = anchor
+        self.model = model
+        self._options = dict(include_frozen=include_frozen, exclude=tuple(exclude), buffers=buffers)
+        self._dtype = dtype
+        self._device = torch.device(device) if device is not None else None
+        self._foreach = foreach
+        self._swap: SwapRecord | None = None
+        self._hook: Any = None
+        self.register()
+
+    # -- set-up ------------------------------------------------------------
+
+    def register(self) -> None:
+        """(Re)start the average from the model's current weights.
+
+        The constructor already does this; calling it again (as the seed API
+        does right after construction) restarts the average and its counters.
+        """
+        self._refuse_while_applied("register")
+        entries = collect(self.model, **self._options)  # type: ignore[arg-type]
+        if not entries:
+            raise ValueError(
+                "the model has no tensor to average (all parameters frozen or excluded: "
+                f"include_frozen={self._options['include_frozen']}, "
+                f"exclude={self._options['exclude']})"
+            )
+        self._shadow = Shadow(
+            entries, dtype=self._dtype, device=self._device, foreach=self._foreach
+        )
+        self.step = 0  # optimizer steps seen
+        self.num_updates = 0  # averaging updates applied
+        self._last_step = 0  # optimizer step of the last update (or copy)
+        self.init_weight = 1.0  # P_T: weight of the starting weights in the average
+
+    # -- updates -----------------------------------------------------------
+
+    @torch.no_grad()
+    def update(self, step: int | None = None) -> None:
+        """Fold the current weights into the average; call after ``optimizer.step()``.
+
+        Args:
+            step: the optimizer step just taken (1 after the first step). Default:
+                one more than the last call. It must not go backwards.
+
+        Raises:
+            SwapError: the averaged weights are swapped into the model.
+            ValueError: ``step`` is not an int, or goes backwards.
+
+        """
+        self._refuse_while_applied("update")
+        if step is None:
+            self.step += 1
+        else:
+            if isinstance(step, bool) or not isinstance(step, int) or step < self.step:
+                raise ValueError(
+                    f"step must be an int >= the last step ({self.step}), got {step!r}"
+                )
+            self.step = step
+        if self.step <= self.start_step:
+            self._shadow.copy_from_live_()
+            self._last_step, self.init_weight = self.step, 1.0
+            return
+        if (self.step - self.start_step) % self.update_every:
+            return
+        if self.num_updates % _CHECK_EVERY == 0:
+            self._shadow.check_live()
+        self._shadow.average_(self._weight())
+        self.num_updates += 1
+
+    def _weight(self) -> float:
+        """Weight of the live weights for this update, advancing :attr:`init_weight`."""
+        steps = self.step - self._last_step
+        decay = self.schedule.decay_over(self._last_step - self.start_step, steps)
+        self._last_step = self.step
+        self.init_weight *= decay
+        if self.anchor == "init":
+            return 1.0 - decay
+        # Debiased: w = (1 - beta_t) / (1 - P_t); P_t = 1 only if every decay was 1.
+        return (1.0 - decay) / (1.0 - self.init_weight) if self.init_weight < 1.0 else 0.0
+
+    # -- evaluation --------------------------------------------------------
+
+    @property
+    def is_applied(self) -> bool:
+        """Whether the averaged weights are swapped into the model now."""
+        return self._swap is not None
+
+    def apply_shadow(self) -> None:
+        """Swap the averaged weights into the model (by pointer); undo with :meth:`restore`.
+
+        While applied, an ``optimizer.step()`` over these parameters raises
+        before it changes anything, and :meth:`update` raises.
+
+        Raises:
+            SwapError: already applied (a second call would lose the live weights).
+
+        """
+        self._refuse_while_applied("apply_shadow")
+        self._shadow.check_live()
+        self._swap = self._shadow.swap_in()
+        swapped = {id(e.get()) for e, _ in self._swap.held if e.kind == "param"}
+        self._hook = register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs: self._refuse_step(opt, swapped)
+        )
+
+    def restore(self) -> None:
+        """Put the live weights back after :meth:`apply_shadow`.
+
+        Raises:
+            SwapError: nothing is applied; or the averaged weights were modified
+                in place while applied (the live weights are restored first).
+
+        """
+        if self._swap is None:
+            raise SwapError("restore() called but the averaged weights are not applied")
+        record, self._swap = self._swap, None
+        self._hook.remove()
+        modified = self._shadow.swap_out(record)
+        if modified:
+            raise SwapError(
+                "the averaged weights were modified in place while applied (an optimizer "
+                f"step or in-place op on the evaluation weights): {modified[:10]}"
+                + (f" and {len(modified) - 10} more" if len(modified) > 10 else "")
+                + "; the live weights are restored, the average is no longer trustworthy"
+            )
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[nn.Module]:
+        """Context manager: evaluate with the averaged weights, restored on exit.
+
+        Yields the model. Restores in ``finally``, so an exception inside the
+        block leaves the live weights in place. Nesting is refused.
+        """
+        self.apply_shadow()
+        try:
+            yield self.model
+        finally:
+            self.restore()
+
+    def _refuse_while_applied(self, what: str) -> None:
+        if self._swap is not None:
+            raise SwapError(
+                f"{what}() called while the averaged weights are applied; call restore() first"
+            )
+
+    @staticmethod
+    def _refuse_step(optimizer: torch.optim.Optimizer, swapped: set[int]) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in swapped:
+                    raise SwapError(
+                        f"{type(optimizer).__name__}.step() called while the averaged weights are "
+                        "applied: it would train the average. Leave `with ema.applied():` "
+                        "(or call ema.restore()) first"
+                    )
+
+    # -- results -----------------------------------------------------------
+
+    @property
+    def shadow(self) -> dict[str, Tensor]:
+        """The averaged tensors by canonical name (views into the shadow storage)."""
+        return self._shadow.state()
+
+    def copy_to(self, model: nn.Module | None = None) -> None:
+        """Write the averaged weights into ``model`` (default: the EMA's own model) for good.
+
+        Raises:
+            SwapError: the average is applied to the EMA's model.
+            KeyError: ``model`` lacks some averaged tensor (names listed).
+
+        """
+        self._refuse_while_applied("copy_to")
+        if model is None or unwrap(model) is unwrap(self.model):
+            self._shadow.copy_to_live_()
+            return
+        _load_into(model, self.averaged_state_dict())
+
+    def averaged_state_dict(self) -> dict[str, Tensor]:
+        """A plain model state dict (canonical names) holding the averaged weights.
+
+        Tensors that are not averaged (frozen parameters, ignored buffers) hold
+        the live values; every tensor has the model's dtype and device and owns
+        its memory, so the result can be saved anywhere or loaded with
+        ``model.load_state_dict``.
+        """
+        out = {}
+        with torch.no_grad():
+            from emaweights._naming import canonical_name
+
+            for key, value in unwrap(self.model).state_dict().items():
+                name = canonical_name(key)
+                avg = self._shadow.tensors.get(name)
+                out[name] = (avg if avg is not None else value).to(
+                    value.device, value.dtype, copy=True
+                )
+        return out
+
+    # -- checkpoints -------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The EMA's full state: shadow tensors, counters and configuration.
+
+        Only tensors and plain Python values, so it loads with
+        ``torch.load(..., weights_only=True)``.
+        """
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "step": self.step,
+            "last_step": self._last_step,
+            "num_updates": self.num_updates,
+            "init_weight": self.init_weight,
+            "config": self._config(),
+            "shadow": self._shadow.state(),
+        }
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule.to_dict(),
+            "update_every": self.update_every,
+            "start_step": self.start_step,
+            "anchor": self.anchor,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Args:
+            state: the saved state.
+            strict: require the same tensor names, dtypes and configuration.
+                With ``strict=False`` the saved configuration (schedule,
+                ``update_every``, ``start_step``, ``anchor``) is adopted.
+
+        Raises:
+            ValueError: not an EMA state, or a mismatch (each one listed);
+                nothing is changed then.
+            KeyError: missing or unexpected tensor names (listed).
+
+        """
+        self._refuse_while_applied("load_state_dict")
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(
+                f"not an emaweights EMA state (format {found!r}, expected {_FORMAT!r})"
+            )
+        if state.get("version") != _VERSION:
+            raise ValueError(
+                f"unsupported EMA state version {state.get('version')!r}, expected {_VERSION}"
+            )
+        config = state["config"]
+        if strict and config != self._config():
+            diff = {k: (config.get(k), v) for k, v in self._config().items() if config.get(k) != v}
+            raise ValueError(
+                f"EMA configuration differs from the saved one (saved, current): {diff}"
+            )
+        schedule = schedule_from_dict(dict(config["schedule"]))
+        counters = {k: state[k] for k in ("step", "last_step", "num_updates")}
+        for k, v in counters.items():
+            _positive_int(v, f"saved {k}", minimum=0)
+        self._shadow.load_(state["shadow"], strict=strict)
+        self.schedule = schedule
+        self.update_every = _positive_int(config["update_every"], "saved update_every")
+        self.start_step = _positive_int(config["start_step"], "saved start_step", minimum=0)
+        self.anchor = config["anchor"]
+        self.step, self._last_step, self.num_updates = (
+            counters["step"],
+            counters["last_step"],
+            counters["num_updates"],
+        )
+        self.init_weight = float(state["init_weight"])
+
+    def __repr__(self) -> str:
+        return (
+            f"EMA(schedule={self.schedule}, update_every={self.update_every}, "
+            f"start_step={self.start_step}, anchor={self.anchor!r}, "
+            f"tensors={len(self._shadow.tensors)}, "
+            f"shadow_bytes={self._shadow.nbytes()}, step={self.step})"
+        )
+
+
+def _load_into(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a canonical-name state dict into a (possibly wrapped) model, strictly."""
+    target = unwrap(model)
+    result = target.load_state_dict(dict(state), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise KeyError(
+            f"model does not match the EMA: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )

@@ -1,0 +1,228 @@
+r"""Decay as a function of the optimizer step.
+
+A schedule gives :math:`\beta_t`, the decay applied for the optimizer step
+:math:`t` (counted from 0 at the first step the average sees). When the average
+is updated only every :math:`k` steps, the decay of one update is the product of
+the per-step decays it stands for,
+
+.. math:: \beta_{t_0 \to t_0 + k} = \prod_{t = t_0}^{t_0 + k - 1} \beta_t ,
+
+so the averaging horizon, measured in optimizer steps, does not change with
+``update_every`` (for a constant decay this is :math:`\beta^k`).
+
+Every schedule is a small frozen dataclass: cheap to call on the host (no tensor,
+no device sync) and round-trippable through :func:`schedule_from_dict` for
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+__all__ = [
+    "Constant",
+    "HalfLife",
+    "PowerWarmup",
+    "Schedule",
+    "Warmup",
+    "as_schedule",
+    "schedule_from_dict",
+]
+
+
+def _check_decay(value: float, what: str = "decay") -> float:
+    """Return ``value`` as a float in [0, 1], or raise naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number in [0, 1], got {value!r}")
+    v = float(value)
+    if not (0.0 <= v <= 1.0):  # also rejects NaN
+        raise ValueError(f"{what} must be in [0, 1], got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Base class: maps an optimizer step to a decay in [0, 1]."""
+
+    kind: ClassVar[str] = "schedule"
+
+    def __call__(self, step: int) -> float:
+        r"""Return :math:`\beta_t` for optimizer step ``step`` (0-based)."""
+        raise NotImplementedError
+
+    def decay_over(self, start: int, steps: int) -> float:
+        r"""Return :math:`\prod_{t=start}^{start+steps-1} \beta_t`, the decay of one update.
+
+        Args:
+            start: first optimizer step covered by the update (0-based).
+            steps: number of optimizer steps the update stands for (>= 1).
+
+        """
+        out = 1.0
+        for t in range(start, start + steps):
+            out *= self(t)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialize to plain types (for ``state_dict``)."""
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    r"""A constant decay: :math:`\beta_t = \beta`.
+
+    Args:
+        decay: :math:`\beta` in [0, 1]; 0 copies the live weights, 1 freezes the average.
+
+    """
+
+    decay: float = 0.999
+    kind: ClassVar[str] = "constant"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decay", _check_decay(self.decay))
+
+    def __call__(self, step: int) -> float:
+        """Return the constant decay."""
+        return self.decay
+
+    def decay_over(self, start: int, steps: int) -> float:
+        r"""Return :math:`\beta^{k}` in closed form."""
+        return self.decay**steps
+
+
+@dataclass(frozen=True)
+class HalfLife(Schedule):
+    r"""The decay whose weights halve every ``half_life`` optimizer steps.
+
+    .. math:: \beta = 2^{-1 / h}
+
+    Args:
+        half_life: :math:`h`, in optimizer steps (> 0).
+
+    """
+
+    half_life: float = 693.0
+    kind: ClassVar[str] = "half_life"
+
+    def __post_init__(self) -> None:
+        h = self.half_life
+        if (
+            isinstance(h, bool)
+            or not isinstance(h, (int, float))
+            or not (h > 0 and math.isfinite(h))
+        ):
+            raise ValueError(f"half_life must be a positive finite number of steps, got {h!r}")
+
+    @property
+    def decay(self) -> float:
+        """The equivalent constant decay."""
+        return float(0.5 ** (1.0 / self.half_life))
+
+    def __call__(self, step: int) -> float:
+        """Return :math:`2^{-1/h}`."""
+        return self.decay
+
+    def decay_over(self, start: int, steps: int) -> float:
+        r"""Return :math:`2^{-k/h}` in closed form."""
+        return float(0.5 ** (steps / self.half_life))
+
+
+@dataclass(frozen=True)
+class Warmup(Schedule):
+    r"""The classic warm-up (TensorFlow's ``num_updates``): short memory early on.
+
+    .. math:: \beta_t = \min\!\left(\beta, \frac{1 + t}{10 + t}\right)
+
+    Args:
+        decay: the final decay :math:`\beta`.
+
+    """
+
+    decay: float = 0.999
+    kind: ClassVar[str] = "warmup"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decay", _check_decay(self.decay))
+
+    def __call__(self, step: int) -> float:
+        r"""Return :math:`\min(\beta, (1+t)/(10+t))`."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+
+@dataclass(frozen=True)
+class PowerWarmup(Schedule):
+    r"""The inverse-power warm-up (used by diffusion training codes).
+
+    .. math:: \beta_t = \operatorname{clip}\!\left(1 - (1 + t/\gamma_{inv})^{-p},
+              \beta_{min}, \beta_{max}\right)
+
+    ``power=2/3`` reaches 0.999 near 31.6k steps; ``power=3/4`` near 10k steps.
+
+    Args:
+        inv_gamma: :math:`\gamma_{inv}` (> 0), the step scale.
+        power: :math:`p` (> 0).
+        min_decay: lower clip :math:`\beta_{min}`.
+        max_decay: upper clip :math:`\beta_{max}`.
+
+    """
+
+    inv_gamma: float = 1.0
+    power: float = 2.0 / 3.0
+    min_decay: float = 0.0
+    max_decay: float = 0.9999
+    kind: ClassVar[str] = "power_warmup"
+
+    def __post_init__(self) -> None:
+        if not (self.inv_gamma > 0 and math.isfinite(self.inv_gamma)):
+            raise ValueError(f"inv_gamma must be positive and finite, got {self.inv_gamma!r}")
+        if not (self.power > 0 and math.isfinite(self.power)):
+            raise ValueError(f"power must be positive and finite, got {self.power!r}")
+        lo = _check_decay(self.min_decay, "min_decay")
+        hi = _check_decay(self.max_decay, "max_decay")
+        if lo > hi:
+            raise ValueError(f"min_decay ({lo!r}) must not exceed max_decay ({hi!r})")
+
+    def __call__(self, step: int) -> float:
+        """Return the clipped inverse-power decay."""
+        value = 1.0 - float((1.0 + step / self.inv_gamma) ** -self.power)
+        return min(self.max_decay, max(self.min_decay, value))
+
+
+_KINDS: dict[str, type[Schedule]] = {
+    cls.kind: cls for cls in (Constant, HalfLife, Warmup, PowerWarmup)
+}
+
+
+def schedule_from_dict(data: dict[str, Any]) -> Schedule:
+    """Rebuild a schedule written by :meth:`Schedule.to_dict`.
+
+    Raises:
+        ValueError: the kind is unknown or a field is missing or extra.
+
+    """
+    kind = data.get("kind")
+    cls = _KINDS.get(str(kind))
+    if cls is None:
+        raise ValueError(f"unknown schedule kind {kind!r}; known: {sorted(_KINDS)}")
+    names = {f.name for f in fields(cls)}
+    args = {k: v for k, v in data.items() if k != "kind"}
+    if set(args) != names:
+        raise ValueError(f"schedule {kind!r} expects fields {sorted(names)}, got {sorted(args)}")
+    return cls(**args)
+
+
+def as_schedule(decay: float | Schedule) -> Schedule:
+    """Accept a number (a constant decay) or a schedule.
+
+    Raises:
+        TypeError: ``decay`` is neither.
+        ValueError: the number is outside [0, 1] or NaN.
+
+    """
+    if isinstance(decay, Schedule):
+        return decay
+    return Constant(_check_decay(decay))

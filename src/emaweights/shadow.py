@@ -1,0 +1,295 @@
+"""Shadow storage: where the averages live, in which dtype, and how they swap in.
+
+The averages of all tracked tensors that share (live dtype, live device, shadow
+dtype, shadow device) are views into *one* flat contiguous buffer. That gives
+the update a prebuilt tensor list per group (no Python work per tensor in the
+hot path beyond one list) and lets a future fast path run one kernel per group.
+
+Evaluation swaps the shadow in *by pointer*: ``param.data = shadow_view`` for
+parameters, ``module._buffers[name] = shadow_view`` for buffers. No copy is made
+when dtype and device agree. When they do not (an fp32 shadow of a bf16 model,
+or a shadow kept on another device), the swap materializes one cast copy per
+tensor, freed on restore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from emaweights import functional as F
+from emaweights._naming import Entry
+
+__all__ = ["Shadow", "SwapRecord", "shadow_dtype_for"]
+
+
+def shadow_dtype_for(
+    live: torch.dtype, requested: torch.dtype | None, averaged: bool
+) -> torch.dtype:
+    """Pick the dtype of a shadow tensor.
+
+    Averaged floating tensors default to at least float32: in bf16 an update of
+    ``(1 - 0.999) * (live - shadow)`` is below the format's resolution near the
+    shadow's value and rounds to nothing, so a bf16 shadow stops moving.
+    Copied tensors (integer buffers) keep their own dtype.
+    """
+    if not averaged:
+        return live
+    if requested is not None:
+        return requested
+    return torch.promote_types(live, torch.float32)
+
+
+@dataclass
+class _Group:
+    """Tracked tensors sharing one flat shadow buffer."""
+
+    entries: list[Entry]
+    flat: Tensor
+    views: list[Tensor]
+    live_dtype: torch.dtype
+    live_device: torch.device
+    params: list[Tensor] = field(
+        default_factory=list
+    )  # cached Parameter objects, stable under .to()
+    buffers: list[Entry] = field(default_factory=list)  # buffers are re-read: .to() replaces them
+    staging: list[Tensor] | None = None  # live copies on the shadow device (cross-device shadow)
+
+    def live(self) -> list[Tensor]:
+        """The live tensors, in the order of ``views``."""
+        if not self.buffers:
+            return self.params
+        return self.params + [e.get() for e in self.buffers]
+
+
+def _group_key(
+    e: Entry, dtype: torch.dtype | None, device: torch.device | None
+) -> tuple[object, ...]:
+    t = e.get()
+    sdt = shadow_dtype_for(t.dtype, dtype, e.kind != "copy_buffer")
+    sdev = t.device if device is None else device
+    return (t.dtype, t.device, sdt, sdev)
+
+
+def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> _Group:
+    # Parameters first, then buffers: the cached parameter list is a prefix.
+    entries = [e for e in entries if e.kind == "param"] + [e for e in entries if e.kind != "param"]
+    live = [e.get() for e in entries]
+    flat = torch.empty(sum(t.numel() for t in live), dtype=sdt, device=sdev)
+    views, offset = [], 0
+    for t in live:
+        views.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    n_params = sum(1 for e in entries if e.kind == "param")
+    group = _Group(
+        entries=entries,
+        flat=flat,
+        views=views,
+        live_dtype=live[0].dtype,
+        live_device=live[0].device,
+        params=list(live[:n_params]),
+        buffers=entries[n_params:],
+    )
+    if sdev != group.live_device:
+        group.staging = [torch.empty_like(v, dtype=group.live_dtype) for v in views]
+    F.copy_(views, live)
+    return group
+
+
+@dataclass
+class SwapRecord:
+    """What :meth:`Shadow.swap_in` changed, so that :meth:`Shadow.swap_out` can undo it."""
+
+    held: list[tuple[Entry, Tensor]]  # (entry, the live tensor or its data, to put back)
+    swapped: list[Tensor]  # what the model holds while swapped, in the same order
+    versions: list[int]  # version counters of ``swapped`` right after the swap
+
+
+class Shadow:
+    """The averaged (and copied) tensors of a model, grouped into flat buffers.
+
+    Args:
+        entries: the tracked tensors (see :func:`emaweights._naming.collect`).
+        dtype: shadow dtype for averaged tensors; ``None`` means at least float32.
+        device: shadow device; ``None`` means each tensor's own device.
+        foreach: kernel choice, see :func:`emaweights.functional.lerp_`.
+
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        entries: Sequence[Entry],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        self.foreach = foreach
+        self.dtype = dtype
+        self.device = device
+        averaged = [e for e in entries if e.kind != "copy_buffer"]
+        copied = [e for e in entries if e.kind == "copy_buffer"]
+        self.averaged = self._build(averaged)
+        self.copied = self._build(copied)
+        self.tensors: dict[str, Tensor] = {
+            e.name: v
+            for g in self.averaged + self.copied
+            for e, v in zip(g.entries, g.views, strict=True)
+        }
+        self.entries: dict[str, Entry] = {e.name: e for e in entries}
+
+    def _build(self, entries: Sequence[Entry]) -> list[_Group]:
+        buckets: dict[tuple[object, ...], list[Entry]] = {}
+        for e in entries:
+            buckets.setdefault(_group_key(e, self.dtype, self.device), []).append(e)
+        return [_build_group(es, key[2], key[3]) for key, es in buckets.items()]  # type: ignore[arg-type]
+
+    # -- updates -----------------------------------------------------------
+
+    def _live_on_shadow_device(self, g: _Group) -> list[Tensor]:
+        live = g.live()
+        if g.staging is None:
+            return live
+        F.copy_(g.staging, live, foreach=self.foreach)
+        return g.staging
+
+    @torch.no_grad()
+    def average_(self, weight: float) -> None:
+        """Average with new-value weight ``weight``; copy the copied tensors."""
+        for g in self.averaged:
+            F.ema_update_(g.views, self._live_on_shadow_device(g), weight, foreach=self.foreach)
+        self.copy_copied_()
+
+    @torch.no_grad()
+    def copy_from_live_(self) -> None:
+        """Set every shadow tensor to the live value (the start of an average)."""
+        for g in self.averaged:
+            F.copy_(g.views, g.live(), foreach=self.foreach)
+        self.copy_copied_()
+
+    @torch.no_grad()
+    def copy_copied_(self) -> None:
+        """Copy the tensors that are copied, not averaged (integer buffers)."""
+        for g in self.copied:
+            F.copy_(g.views, g.live(), foreach=self.foreach)
+
+    def copy_to_live_(self) -> None:
+        """Write the shadow into the live tensors (make the average permanent)."""
+        with torch.no_grad():
+            for g in self.averaged + self.copied:
+                F.copy_(g.live(), g.views, foreach=self.foreach)
+
+    # -- checks ------------------------------------------------------------
+
+    def check_live(self) -> None:
+        """Raise if the model's tensors changed shape, dtype or device since creation.
+
+        Raises:
+            RuntimeError: listing every changed tensor.
+
+        """
+        problems = []
+        for g in self.averaged + self.copied:
+            for e, v in zip(g.entries, g.views, strict=True):
+                t = e.get()
+                if t.shape != v.shape:
+                    problems.append(f"{e.name}: shape {tuple(v.shape)} -> {tuple(t.shape)}")
+                elif t.dtype != g.live_dtype:
+                    problems.append(f"{e.name}: dtype {g.live_dtype} -> {t.dtype}")
+                elif t.device != g.live_device:
+                    problems.append(f"{e.name}: device {g.live_device} -> {t.device}")
+        if problems:
+            raise RuntimeError(
+                "the model changed after the EMA was made; make a new EMA (or load its state "
+                "into one built for the new model): " + "; ".join(problems)
+            )
+
+    # -- swapping ----------------------------------------------------------
+
+    def swap_in(self) -> SwapRecord:
+        """Put the shadow into the model (by pointer where dtype and device agree)."""
+        held: list[tuple[Entry, Tensor]] = []
+        swapped: list[Tensor] = []
+        for g in self.averaged + self.copied:
+            for e, v in zip(g.entries, g.views, strict=True):
+                live = e.get()
+                new = (
+                    v
+                    if (v.dtype == live.dtype and v.device == live.device)
+                    else v.to(live.device, live.dtype)
+                )
+                if e.kind == "param":
+                    held.append((e, live.data))
+                    live.data = new
+                else:
+                    held.append((e, live))
+                    e.module._buffers[e.attr] = new
+                swapped.append(new if e.kind != "param" else live)
+        return SwapRecord(held, swapped, [t._version for t in swapped])
+
+    def swap_out(self, record: SwapRecord) -> list[str]:
+        """Undo :meth:`swap_in`; return the names of tensors modified in place meanwhile."""
+        modified = [
+            e.name
+            for (e, _), t, ver in zip(record.held, record.swapped, record.versions, strict=True)
+            if t._version != ver
+        ]
+        for e, old in record.held:
+            if e.kind == "param":
+                e.get().data = old
+            else:
+                e.module._buffers[e.attr] = old
+        return modified
+
+    # -- state -------------------------------------------------------------
+
+    def state(self) -> dict[str, Tensor]:
+        """Shadow tensors by canonical name (views: no copy)."""
+        return dict(self.tensors)
+
+    def load_(self, state: Mapping[str, Tensor], *, strict: bool = True) -> None:
+        """Copy ``state`` into the shadow after checking every name, shape and dtype.
+
+        Nothing is written unless every check passes.
+
+        Raises:
+            KeyError: names missing or unexpected (``strict``), listed.
+            ValueError: shape or dtype mismatches, listed.
+
+        """
+        missing = sorted(set(self.tensors) - set(state))
+        unexpected = sorted(set(state) - set(self.tensors))
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"EMA state does not match the model: missing {missing}, unexpected {unexpected}"
+            )
+        bad = []
+        for name in sorted(set(state) & set(self.tensors)):
+            src, dst = state[name], self.tensors[name]
+            if not isinstance(src, Tensor):
+                bad.append(f"{name}: not a tensor ({type(src).__name__})")
+            elif src.shape != dst.shape:
+                bad.append(f"{name}: shape {tuple(src.shape)} != {tuple(dst.shape)}")
+            elif strict and src.dtype != dst.dtype:
+                bad.append(f"{name}: dtype {src.dtype} != {dst.dtype}")
+        if bad:
+            raise ValueError("EMA state does not match the model: " + "; ".join(bad))
+        names = [n for n in self.tensors if n in state]
+        with torch.no_grad():
+            F.copy_([self.tensors[n] for n in names], [state[n] for n in names])
+
+    def numel(self) -> int:
+        """Number of shadow elements."""
+        return sum(g.flat.numel() for g in self.averaged + self.copied)
+
+    def nbytes(self) -> int:
+        """Bytes of shadow storage."""
+        return sum(g.flat.numel() * g.flat.element_size() for g in self.averaged + self.copied)
+
+    def names(self) -> Iterable[str]:
+        """Canonical names of the shadow tensors."""
+        return self.tensors.keys()
