@@ -99,7 +99,8 @@ def _safetensors() -> tuple[Callable[..., None], Callable[..., dict[str, Tensor]
         from safetensors.torch import load_file, save_file
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "safetensors is needed for this; install it with `pip install 'emaweights[safetensors]'`"
+            "safetensors is needed for this; "
+            "install it with `pip install 'emaweights[safetensors]'`"
         ) from err
     return save_file, load_file
 
