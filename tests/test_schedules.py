@@ -1,0 +1,74 @@
+"""Tests of the decay schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from emaweights.schedules import (
+    Constant,
+    HalfLife,
+    PowerWarmup,
+    Warmup,
+    as_schedule,
+    schedule_from_dict,
+)
+
+
+def test_constant_decay_over_is_power() -> None:
+    """A constant schedule's k-step decay is decay**k."""
+    s = Constant(0.99)
+    assert s.decay_over(17, 5) == pytest.approx(0.99**5, rel=1e-15)
+
+
+def test_half_life_halves() -> None:
+    """After half_life steps the weight on old values is exactly one half."""
+    s = HalfLife(40)
+    assert s.decay_over(0, 40) == pytest.approx(0.5, rel=1e-12)
+    assert s(3) ** 40 == pytest.approx(0.5, rel=1e-12)
+
+
+def test_warmup_formula() -> None:
+    """Warmup is min(decay, (1+t)/(10+t))."""
+    s = Warmup(0.95)
+    for t in (0, 1, 5, 100, 10_000):
+        assert s(t) == min(0.95, (1 + t) / (10 + t))
+
+
+def test_power_warmup_formula() -> None:
+    """PowerWarmup is 1 - (1 + t/inv_gamma)^-power, clipped."""
+    s = PowerWarmup(inv_gamma=2.0, power=0.75, min_decay=0.0, max_decay=0.999)
+    for t in (0, 3, 50, 10**6):
+        assert s(t) == pytest.approx(min(0.999, 1 - (1 + t / 2.0) ** -0.75))
+
+
+def test_decay_over_is_product_of_steps() -> None:
+    """The decay of one update covering k steps is the product of per-step decays."""
+    s = Warmup(0.999)
+    assert s.decay_over(3, 4) == pytest.approx(math.prod(s(t) for t in range(3, 7)))
+
+
+@pytest.mark.parametrize("s", [Constant(0.9), HalfLife(12.5), Warmup(0.99), PowerWarmup()])
+def test_round_trip(s: object) -> None:
+    """to_dict / schedule_from_dict round-trips every schedule."""
+    assert schedule_from_dict(s.to_dict()) == s  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.9", True])
+def test_bad_decay_names_value(bad: object) -> None:
+    """A decay outside [0, 1], NaN or not a number raises, naming the value."""
+    with pytest.raises((ValueError, TypeError), match=repr(bad).replace("(", r"\(")):
+        as_schedule(bad)  # type: ignore[arg-type]
+
+
+def test_bad_half_life() -> None:
+    """A non-positive half-life raises, naming it."""
+    with pytest.raises(ValueError, match="-3"):
+        HalfLife(-3)
+
+
+def test_unknown_kind() -> None:
+    """An unknown schedule kind in a checkpoint raises, naming it."""
+    with pytest.raises(ValueError, match="'cosine'"):
+        schedule_from_dict({"kind": "cosine"})
