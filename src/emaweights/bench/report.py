@@ -33,12 +33,14 @@ class Row:
     name: str
     family: str
     stats: dict[str, tuple[float, float]]  # metric -> (mean, std)
+    counts: dict[str, tuple[int, int]]  # metric -> (seeds where defined, seeds)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat plain data for JSON and CSV."""
         out: dict[str, Any] = {"task": self.task, "name": self.name, "family": self.family}
         for k, (m, s) in self.stats.items():
             out[f"{k}_mean"], out[f"{k}_std"] = m, s
+            out[f"{k}_seeds"] = self.counts[k][0]
         return out
 
 
@@ -84,16 +86,30 @@ def summarize(results: Sequence[RunResult]) -> list[Row]:
         for name, (family, e, w0) in entries.items():
             per.setdefault((r.task, name), (family, []))[1].append(_metrics(r, e, w0))
     return [
-        Row(task, name, family, {k: mean_std([v[k] for v in vals]) for k in METRICS})
+        Row(
+            task,
+            name,
+            family,
+            {k: mean_std([v[k] for v in vals]) for k in METRICS},
+            {k: (sum(not math.isnan(v[k]) for v in vals), len(vals)) for k in METRICS},
+        )
         for (task, name), (family, vals) in per.items()
     ]
 
 
-def _fmt(stat: tuple[float, float], scale: float = 100.0, digits: int = 1) -> str:
+def _fmt(
+    stat: tuple[float, float],
+    scale: float = 100.0,
+    digits: int = 1,
+    count: tuple[int, int] | None = None,
+) -> str:
     m, s = stat
     if math.isnan(m):
         return "—"
-    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+    text = f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+    if count is not None and count[0] < count[1]:
+        text += f" ({count[0]}/{count[1]})"  # defined for only some seeds
+    return text
 
 
 def print_table(rows: Sequence[Row], print_fn: Callable[[Any], None] | None = None) -> None:
@@ -128,8 +144,8 @@ def print_table(rows: Sequence[Row], print_fn: Callable[[Any], None] | None = No
                 _fmt(s["b"]),
                 _fmt(s["forgetting"]),
                 _fmt(s["average"]),
-                _fmt(s["delta_a_interp"]),
-                _fmt(s["delta_a_early_stop"]),
+                _fmt(s["delta_a_interp"], count=r.counts["delta_a_interp"]),
+                _fmt(s["delta_a_early_stop"], count=r.counts["delta_a_early_stop"]),
             )
         out(table)
 

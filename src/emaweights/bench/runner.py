@@ -33,7 +33,7 @@ class Config:
         finetune_epochs: epochs on task B.
         batch_size: mini-batch size in both phases.
         pretrain_lr: Adam learning rate on A.
-        finetune_lr: SGD (momentum 0.9) learning rate on B.
+        finetune_lr: Adam learning rate on B.
         alphas: interpolation coefficients of the reference curve.
         hidden: hidden width of the default MLP.
     """
@@ -43,7 +43,7 @@ class Config:
     finetune_epochs: int = 10
     batch_size: int = 32
     pretrain_lr: float = 3e-3
-    finetune_lr: float = 0.05
+    finetune_lr: float = 3e-3
     alphas: tuple[float, ...] = tuple(i / 20 for i in range(21))
     hidden: int = 64
 
@@ -174,7 +174,7 @@ def _finetune(
 ) -> int:
     """Fine-tune on B with a batch order fixed by ``seed``; drive ``methods``; return steps."""
     g = torch.Generator().manual_seed(10_000 + seed)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.finetune_lr, momentum=0.9)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.finetune_lr)
     for m in methods:
         m.start(model)
     step = 0
