@@ -71,7 +71,9 @@ def _trainer(**kwargs: Any) -> Any:
     return L.Trainer(**options)
 
 
-def _oracle(theta0: dict[str, torch.Tensor], steps: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+def _oracle(
+    theta0: dict[str, torch.Tensor], steps: list[dict[str, torch.Tensor]]
+) -> dict[str, Any]:
     """Float64 EMA of the recorded post-step weights, starting from theta0."""
     avg = {n: t.double() for n, t in theta0.items()}
     for snap in steps:
@@ -162,7 +164,7 @@ class _Crash(L.Callback):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
-    """Crash in epoch 3, resume from the epoch-2 checkpoint: EMA and weights equal a straight run."""
+    """Crash in epoch 3, resume from the epoch-2 checkpoint: EMA and weights equal a plain run."""
     fit = dict(max_epochs=4, accumulate_grad_batches=2)
 
     straight = EMACallback(DECAY)

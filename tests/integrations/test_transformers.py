@@ -13,25 +13,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from emaweights.integrations.transformers import STATE_FILE, EMACallback  # noqa: E402
+from tests.integrations._models import tiny_bert  # noqa: E402
 
 DECAY = 0.7
-
-
-def tiny_bert(seed: int = 0) -> Any:
-    """A 1-layer BERT classifier built from a config (no download)."""
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(config)
 
 
 class Tokens(Dataset[dict[str, torch.Tensor]]):
@@ -129,7 +113,7 @@ def test_updates_once_per_optimizer_step_and_matches_float64(tmp_path: Path) -> 
 
 def test_evaluation_uses_average_and_checkpoints_hold_live_weights(tmp_path: Path) -> None:
     """Scheduled evaluations see the average; the checkpoint after them holds live weights."""
-    model, ema_cb, rec = _train(tmp_path, eval_strategy="steps", eval_steps=2)
+    _, _, rec = _train(tmp_path, eval_strategy="steps", eval_steps=2)
     assert rec.eval_matches_average and all(rec.eval_matches_average)
     from safetensors.torch import load_file
 

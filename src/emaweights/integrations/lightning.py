@@ -54,7 +54,7 @@ def _callback_base() -> Any:
         return require("lightning.pytorch", "lightning").Callback  # raises, naming the extra
 
 
-_Callback = _callback_base()
+_Callback: Any = _callback_base()
 
 
 class EMACallback(_Callback):  # type: ignore[misc]

@@ -48,13 +48,13 @@ from emaweights.schedules import Schedule
 
 __all__ = ["STATE_FILE", "EMACallback"]
 
-_transformers = require("transformers", "transformers")
+_TrainerCallback: Any = require("transformers", "transformers").TrainerCallback
 
 #: File name of the EMA state inside a ``checkpoint-N`` folder.
 STATE_FILE = "emaweights_ema.pt"
 
 
-class EMACallback(_transformers.TrainerCallback):  # type: ignore[misc]
+class EMACallback(_TrainerCallback):  # type: ignore[misc]
     """Keep an :class:`~emaweights.EMA` of the Trainer's model and evaluate with it.
 
     Args:
@@ -181,9 +181,9 @@ def save_pretrained_averaged(ema: EMA, path: str | os.PathLike[str]) -> None:
     plain ``nn.Module`` without ``save_pretrained`` gets
     ``model.safetensors`` (see :func:`emaweights.export.save_averaged`).
     """
-    model = unwrap(ema.model)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(path), state_dict=ema.averaged_state_dict())
+    save_pretrained = getattr(unwrap(ema.model), "save_pretrained", None)
+    if callable(save_pretrained):
+        save_pretrained(str(path), state_dict=ema.averaged_state_dict())
     else:
         from emaweights.export import save_averaged
 
