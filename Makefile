@@ -21,9 +21,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(VENV)/bin/emaweights demo $(ARGS)
 
+LINTED := src tests $(wildcard examples)
+
 lint: venv
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 typecheck: venv
 	$(VENV)/bin/mypy

@@ -94,15 +94,15 @@ def load_state(path: PathLike, map_location: str | torch.device | None = "cpu") 
     return obj
 
 
-def _safetensors() -> tuple[Callable[..., None], Callable[..., dict[str, Tensor]]]:
+def _safetensors() -> tuple[Callable[..., bytes], Callable[..., dict[str, Tensor]]]:
     try:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "safetensors is needed for this; "
             "install it with `pip install 'emaweights[safetensors]'`"
         ) from err
-    return save_file, load_file
+    return save, load_file
 
 
 def save_safetensors(
@@ -113,22 +113,11 @@ def save_safetensors(
     Tensors are made contiguous and independent first (safetensors refuses
     views that share memory, which shadow tensors are).
     """
-    save_file, _ = _safetensors()
+    save, _ = _safetensors()
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(owned, tmp, metadata=dict(metadata) if metadata else None)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
+    payload = save(owned, metadata=dict(metadata) if metadata else None)
+    with atomic_write(path) as f:
+        f.write(payload)
 
 
 def load_safetensors(path: PathLike, device: str = "cpu") -> dict[str, Tensor]:
