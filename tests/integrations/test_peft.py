@@ -69,3 +69,27 @@ def test_refuses_non_peft_model(tmp_path: Path) -> None:
     """Exporting an EMA of a plain model as an adapter names the model type."""
     with pytest.raises(TypeError, match="BertForSequenceClassification"):
         save_averaged_adapter(EMA(tiny_bert(), 0.9), tmp_path / "x")
+
+
+def test_trainer_save_averaged_to_writes_adapter(tmp_path: Path) -> None:
+    """With a PEFT model, the Trainer callback's final export is the averaged adapter."""
+    import transformers
+
+    from emaweights.integrations.transformers import EMACallback
+    from tests.integrations._models import Tokens, training_args
+
+    model = _lora()
+    cb = EMACallback(0.9, save_averaged_to=tmp_path / "adapter")
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_args(tmp_path / "run", save_strategy="no", max_steps=2),
+        train_dataset=Tokens(8),
+        callbacks=[cb],
+    )
+    trainer.train()
+    assert cb.ema is not None
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()  # not the full model
+    loaded = peft.PeftModel.from_pretrained(tiny_bert(0), tmp_path / "adapter")
+    params = dict(loaded.named_parameters())
+    for name, avg in cb.ema.shadow.items():
+        assert torch.equal(params[name].detach(), avg), name

@@ -7,34 +7,14 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from emaweights.integrations.transformers import STATE_FILE, EMACallback  # noqa: E402
-from tests.integrations._models import tiny_bert  # noqa: E402
+from tests.integrations._models import Tokens, tiny_bert, training_args  # noqa: E402
 
 DECAY = 0.7
-
-
-class Tokens(Dataset[dict[str, torch.Tensor]]):
-    """Random token sequences whose label is whether token 7 occurs."""
-
-    def __init__(self, n: int, seed: int = 1) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(1, 50, (n, 8), generator=g)
-        self.labels = (self.ids == 7).any(dim=1).long()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones(8, dtype=torch.long),
-            "labels": self.labels[i],
-        }
 
 
 class Recorder(transformers.TrainerCallback):  # type: ignore[misc]
@@ -57,35 +37,13 @@ class Recorder(transformers.TrainerCallback):  # type: ignore[misc]
         )
 
 
-def _args(out: Path, **kwargs: Any) -> Any:
-    options: dict[str, Any] = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=4,
-        gradient_accumulation_steps=2,
-        learning_rate=5e-3,
-        max_steps=6,
-        save_strategy="steps",
-        save_steps=2,
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    options.update(kwargs)
-    return transformers.TrainingArguments(**options)
-
-
 def _train(out: Path, seed: int = 0, resume: Path | None = None, **kwargs: Any) -> Any:
     model = tiny_bert(seed)
     ema_cb = EMACallback(DECAY, **kwargs.pop("callback_options", {}))
     recorder = Recorder(ema_cb)
     trainer = transformers.Trainer(
         model=model,
-        args=_args(out, **kwargs),
+        args=training_args(out, **kwargs),
         train_dataset=Tokens(12),
         eval_dataset=Tokens(4, seed=2),
         callbacks=[ema_cb, recorder],
@@ -154,3 +112,30 @@ def test_save_averaged_to_writes_loadable_model(tmp_path: Path) -> None:
     assert not torch.equal(
         loaded.classifier.weight, model.classifier.weight
     )  # the live model is not what was saved
+
+
+def test_manual_evaluate_inside_applied_keeps_user_swap(tmp_path: Path) -> None:
+    """`with ema.applied(): trainer.evaluate()` works: the callback undoes only its own swaps."""
+    model = tiny_bert(0)
+    ema_cb = EMACallback(DECAY)
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_args(tmp_path, save_strategy="no", max_steps=2),
+        train_dataset=Tokens(8),
+        eval_dataset=Tokens(4, seed=2),
+        callbacks=[ema_cb],
+    )
+    trainer.train()
+    live = trainer.evaluate()["eval_loss"]
+    with ema_cb.ema.applied():
+        averaged = trainer.evaluate()["eval_loss"]
+        assert ema_cb.ema.is_applied  # on_evaluate did not restore the user's swap
+    oracle = tiny_bert(1)
+    oracle.load_state_dict(ema_cb.ema.averaged_state_dict())
+    batch = Tokens(4, seed=2)
+    with torch.no_grad():
+        expected = oracle(
+            input_ids=batch.ids, attention_mask=torch.ones_like(batch.ids), labels=batch.labels
+        ).loss
+    assert averaged == pytest.approx(expected.item(), rel=1e-5)
+    assert averaged != pytest.approx(live, rel=1e-6)

@@ -46,7 +46,7 @@ from emaweights.integrations._require import require
 from emaweights.io import load_state, save_state
 from emaweights.schedules import Schedule
 
-__all__ = ["STATE_FILE", "EMACallback"]
+__all__ = ["STATE_FILE", "EMACallback", "save_pretrained_averaged"]
 
 _TrainerCallback: Any = require("transformers", "transformers").TrainerCallback
 
