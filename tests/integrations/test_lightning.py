@@ -194,8 +194,9 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
-def test_test_loop_uses_restored_average(tmp_path: Path) -> None:
-    """trainer.test(ckpt_path=...) evaluates with the average stored in the checkpoint."""
+@pytest.mark.parametrize("loop", ["test", "validate"])
+def test_eval_from_checkpoint_uses_restored_average(tmp_path: Path, loop: str) -> None:
+    """trainer.test/validate(ckpt_path=...) evaluate with the average stored in the checkpoint."""
     model = Regressor()
     cb = EMACallback(DECAY)
     trainer = _trainer(max_epochs=1, callbacks=[cb])
@@ -206,8 +207,36 @@ def test_test_loop_uses_restored_average(tmp_path: Path) -> None:
 
     fresh = Regressor(seed=7)
     fresh.test_step = fresh.validation_step  # type: ignore[method-assign]
-    _trainer(callbacks=[EMACallback(DECAY)]).test(
-        fresh, dataloaders=_data(8), ckpt_path=tmp_path / "end.ckpt"
-    )
+    run = getattr(_trainer(callbacks=[EMACallback(DECAY)]), loop)
+    run(fresh, dataloaders=_data(8), ckpt_path=tmp_path / "end.ckpt")
     for name, seen in fresh.seen_in_validation[0].items():
         assert torch.equal(seen, expected[name]), name
+
+
+def test_two_decays_checkpoint_and_resume_separately(tmp_path: Path) -> None:
+    """Two callbacks with different decays keep separate states through a checkpoint."""
+    fast, slow = EMACallback(0.5), EMACallback(0.9)
+    trainer = _trainer(max_epochs=1, callbacks=[fast, slow])
+    trainer.fit(Regressor(), train_dataloaders=_data())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    fast2, slow2 = EMACallback(0.5), EMACallback(0.9)
+    trainer = _trainer(max_epochs=1, callbacks=[slow2, fast2])  # order does not matter
+    trainer.fit(Regressor(seed=3), train_dataloaders=_data(), ckpt_path=tmp_path / "a.ckpt")
+    for before, after in ((fast, fast2), (slow, slow2)):
+        assert before.ema is not None and after.ema is not None
+        for name, t in before.ema.shadow.items():
+            assert torch.equal(after.ema.shadow[name], t), name
+    assert fast.ema is not None and slow.ema is not None
+    assert not torch.equal(fast.ema.shadow["net.0.weight"], slow.ema.shadow["net.0.weight"])
+
+
+def test_resume_without_ema_state_warns(tmp_path: Path) -> None:
+    """Adding the callback to a resumed run without EMA state warns, then averages from there."""
+    trainer = _trainer(max_epochs=1)
+    trainer.fit(Regressor(), train_dataloaders=_data())
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    cb = EMACallback(DECAY)
+    trainer = _trainer(max_epochs=2, callbacks=[cb])
+    with pytest.warns(UserWarning, match="without EMA state"):
+        trainer.fit(Regressor(), train_dataloaders=_data(), ckpt_path=tmp_path / "plain.ckpt")
+    assert cb.ema is not None and cb.ema.num_updates == trainer.global_step - 7 == 7

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -101,6 +102,11 @@ class EMACallback(_Callback):  # type: ignore[misc]
         self._fresh = False
         self._pending: dict[str, Any] | None = None
 
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in the checkpoint; distinct per decay."""
+        return f"EMACallback[decay={self.decay!r}]"
+
     # -- creation ----------------------------------------------------------
 
     def _ensure(self, pl_module: Any) -> EMA:
@@ -121,6 +127,13 @@ class EMACallback(_Callback):  # type: ignore[misc]
         """Align a fresh average with the restored step count (known only now)."""
         if self._fresh:
             self._offset, self._fresh = trainer.global_step, False
+            if self._offset > 0:
+                warnings.warn(
+                    f"resuming at optimizer step {self._offset} without EMA state for "
+                    f"{self.state_key} in the checkpoint; the average starts from the "
+                    "restored weights",
+                    stacklevel=2,
+                )
 
     # -- updates -----------------------------------------------------------
 
@@ -136,6 +149,8 @@ class EMACallback(_Callback):  # type: ignore[misc]
     # -- evaluation --------------------------------------------------------
 
     def _apply(self, pl_module: Any) -> None:
+        if self.ema is None and self._pending is not None:
+            self._ensure(pl_module)  # evaluating a checkpoint outside fit
         if self.evaluate and self.ema is not None and not self.ema.is_applied:
             self.ema.apply_shadow()
 
@@ -153,7 +168,6 @@ class EMACallback(_Callback):  # type: ignore[misc]
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         """Swap the averaged weights in for testing."""
-        self._ensure(pl_module)
         self._apply(pl_module)
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
@@ -162,7 +176,6 @@ class EMACallback(_Callback):  # type: ignore[misc]
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         """Swap the averaged weights in for prediction."""
-        self._ensure(pl_module)
         self._apply(pl_module)
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
@@ -213,7 +226,11 @@ class EMACallback(_Callback):  # type: ignore[misc]
         """The EMA state, saved in the Lightning checkpoint (tensors and plain data only)."""
         if self.ema is None:
             return dict(self._pending) if self._pending is not None else {}
-        return {"ema": self.ema.state_dict(), "offset": self._offset}
+        # Owned copies: the shadow keeps changing in place, and checkpoint IO may be
+        # asynchronous.
+        state = self.ema.state_dict()
+        state["shadow"] = {k: v.clone() for k, v in state["shadow"].items()}
+        return {"ema": state, "offset": self._offset}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the EMA state (applied when the EMA exists, i.e. now or at fit start)."""
