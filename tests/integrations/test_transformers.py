@@ -69,10 +69,15 @@ def test_updates_once_per_optimizer_step_and_matches_float64(tmp_path: Path) -> 
         assert torch.equal(p.detach(), rec.after_step[-1][name]), name
 
 
-def test_evaluation_uses_average_and_checkpoints_hold_live_weights(tmp_path: Path) -> None:
-    """Scheduled evaluations see the average; the checkpoint after them holds live weights."""
-    _, _, rec = _train(tmp_path, eval_strategy="steps", eval_steps=2)
-    assert rec.eval_matches_average and all(rec.eval_matches_average)
+@pytest.mark.parametrize("strategy", ["steps", "epoch"])
+def test_evaluation_uses_average_and_checkpoints_hold_live_weights(
+    tmp_path: Path, strategy: str
+) -> None:
+    """Scheduled evaluations (per step or epoch) see the average; checkpoints hold live weights."""
+    _, _, rec = _train(tmp_path, eval_strategy=strategy, eval_steps=2)
+    # eval set of 4 in one batch: 3 evaluations per 2 steps, 2 per epoch (3 steps)
+    assert len(rec.eval_matches_average) == (3 if strategy == "steps" else 2)
+    assert all(rec.eval_matches_average)
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
