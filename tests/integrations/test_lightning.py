@@ -230,6 +230,14 @@ def test_two_decays_checkpoint_and_resume_separately(tmp_path: Path) -> None:
     assert not torch.equal(fast.ema.shadow["net.0.weight"], slow.ema.shadow["net.0.weight"])
 
 
+def test_state_key_names_decay_and_options() -> None:
+    """The checkpoint key differs by decay and averaging options, not by device or foreach."""
+    assert EMACallback(0.9).state_key == "EMACallback[decay=0.9]"
+    assert EMACallback(0.9, update_every=2, foreach=False, device="cpu").state_key == (
+        "EMACallback[decay=0.9, update_every=2]"
+    )
+
+
 def test_resume_without_ema_state_warns(tmp_path: Path) -> None:
     """Adding the callback to a resumed run without EMA state warns, then averages from there."""
     trainer = _trainer(max_epochs=1)

@@ -104,8 +104,15 @@ class EMACallback(_Callback):  # type: ignore[misc]
 
     @property
     def state_key(self) -> str:
-        """Key of this callback's state in the checkpoint; distinct per decay."""
-        return f"EMACallback[decay={self.decay!r}]"
+        """Key of this callback's state in the checkpoint, e.g. ``EMACallback[decay=0.999]``.
+
+        It names the decay and the averaging options, so several callbacks
+        (say, two decays) keep separate states; ``device`` and ``foreach`` are
+        left out, as they may change between a run and its resume.
+        """
+        options = {k: v for k, v in self.ema_options.items() if k not in ("device", "foreach")}
+        described = [f"decay={self.decay!r}"] + [f"{k}={options[k]!r}" for k in sorted(options)]
+        return f"EMACallback[{', '.join(described)}]"
 
     # -- creation ----------------------------------------------------------
 
