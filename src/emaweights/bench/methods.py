@@ -1,0 +1,124 @@
+"""Methods compared by the forgetting benchmark, behind one small protocol.
+
+A method watches a fine-tuning run from the pre-trained weights and, at the
+end, names the weights to evaluate. Methods that only read the model ride
+along on one shared run; methods that change training (a penalty, writing into
+the weights) get their own run with the same data order.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from emaweights.ema import EMA, Anchor
+from emaweights.schedules import Warmup
+
+__all__ = ["EMAMethod", "Method", "default_methods"]
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What the benchmark runner needs from a method.
+
+    Attributes:
+        name: unique label in tables and plots.
+        family: the kind of method (``"ema"``, ``"ema-debiased"``, ``"swa"``, ...).
+        changes_training: ``True`` if the method alters the training run
+            (it then gets a run of its own); ``False`` if it only reads it.
+    """
+
+    name: str
+    family: str
+    changes_training: bool
+
+    def start(self, model: nn.Module) -> None:
+        """Called once with the model at the pre-trained weights."""
+
+    def penalty(self, model: nn.Module) -> Tensor | None:
+        """An extra loss term added before ``backward`` (``None``: none)."""
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after each optimizer step (``step`` is 1-based)."""
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        """Called after the last step of each epoch (1-based)."""
+
+    def result(self, model: nn.Module) -> dict[str, Tensor]:
+        """The state dict to evaluate at the end of fine-tuning."""
+
+    def w0(self) -> float | None:
+        """Weight the result puts on the pre-trained weights, if defined."""
+
+
+class EMAMethod:
+    r"""An :class:`~emaweights.EMA` started at the pre-trained weights.
+
+    Args:
+        decay: constant decay, or ``None`` with ``warmup`` set.
+        anchor: ``"init"`` keeps the weight :math:`\beta^T` on the
+            pre-trained weights; ``"debiased"`` removes it.
+        warmup: use the :class:`~emaweights.schedules.Warmup` schedule
+            ``min(decay, (1+t)/(10+t))``.
+    """
+
+    changes_training = False
+
+    def __init__(self, decay: float, anchor: Anchor = "init", warmup: bool = False) -> None:
+        self.decay, self.anchor, self.warmup = decay, anchor, warmup
+        if warmup:
+            self.name, self.family = f"warmup-ema β={decay}", "warmup-ema"
+        elif anchor == "debiased":
+            self.name, self.family = f"ema-debiased β={decay}", "ema-debiased"
+        else:
+            self.name, self.family = f"ema β={decay}", "ema"
+        self._ema: EMA | None = None
+
+    def start(self, model: nn.Module) -> None:
+        """Start the average at the pre-trained weights."""
+        schedule = Warmup(self.decay) if self.warmup else self.decay
+        self._ema = EMA(model, schedule, anchor=self.anchor)
+
+    def penalty(self, model: nn.Module) -> Tensor | None:
+        """No penalty: the EMA only reads the run."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Fold the new weights into the average."""
+        self._require().update(step=step)
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        """Nothing at epoch ends."""
+
+    def result(self, model: nn.Module) -> dict[str, Tensor]:
+        """The averaged weights as a model state dict."""
+        return self._require().averaged_state_dict()
+
+    def w0(self) -> float | None:
+        r""":math:`\prod_t \beta_t` (anchored, warm-up included); 0 when debiased."""
+        ema = self._require()
+        return ema.init_weight if self.anchor == "init" else 0.0
+
+    def _require(self) -> EMA:
+        if self._ema is None:
+            raise RuntimeError(f"{self.name}: start() was not called")
+        return self._ema
+
+
+def default_methods(decays: tuple[float, ...] = (0.9, 0.99, 0.995, 0.998, 0.999)) -> list[Method]:
+    """The EMA family the demo compares: anchored and debiased at each decay, plus warm-up."""
+    methods: list[Method] = []
+    for d in decays:
+        methods.append(EMAMethod(d))
+    for d in decays:
+        methods.append(EMAMethod(d, anchor="debiased"))
+    methods.append(EMAMethod(max(decays), warmup=True))
+    return methods
+
+
+def state_of(model: nn.Module) -> dict[str, Tensor]:
+    """A detached copy of a model's state dict."""
+    with torch.no_grad():
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,64 @@
+"""The forgetting benchmark end to end: outputs, consistency, reproducibility."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from emaweights.bench.demo import main
+from emaweights.bench.runner import Config, run_one
+from emaweights.bench.tasks import digits_task
+
+TINY = Config(seeds=(0,), pretrain_epochs=3, finetune_epochs=2)
+
+
+def test_quick_run_writes_table_plot_json_csv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`emaweights demo --quick` prints the table and writes JSON, CSV and PNG."""
+    assert main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ΔA vs interp" in out and "ema β=0.999" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "summary.csv").read_text().startswith("task,name,family")
+    assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    for run in data["runs"]:
+        final = run["interpolation"][-1]
+        last_epoch = run["trajectory"][-1]
+        # Oracle: interpolation at alpha=1 and the last epoch are both the fine-tuned weights.
+        assert final["alpha"] == 1.0
+        assert final["a_test"] == last_epoch["a_test"] and final["b_test"] == last_epoch["b_test"]
+        # Oracle: interpolation at alpha=0 is the pre-trained model.
+        assert run["interpolation"][0]["a_test"] == run["pretrained"]["a_test"]
+        # Oracle: an anchored EMA's w0 is beta^T.
+        assert run["methods"]["ema β=0.99"]["w0"] == pytest.approx(0.99 ** run["steps"])
+
+
+def test_reproducible() -> None:
+    """Two runs with the same seed give identical numbers."""
+    torch.manual_seed(123)
+    first = run_one(digits_task("inverted"), TINY, seed=0).to_dict()
+    torch.manual_seed(456)
+    second = run_one(digits_task("inverted"), TINY, seed=0).to_dict()
+    assert first == second
+
+
+def test_ema_with_decay_zero_equals_fine_tuned() -> None:
+    """An EMA with β=0 tracks the live weights, so it lands on the fine-tuned point."""
+    from emaweights.bench.methods import EMAMethod
+
+    r = run_one(digits_task("class_split"), TINY, seed=1, make_methods=lambda: [EMAMethod(0.0)])
+    assert r.methods["ema β=0.0"] == r.interpolation[-1][1]
+
+
+def test_duplicate_method_names_refused() -> None:
+    """Two methods with the same name are refused, naming it."""
+    from emaweights.bench.methods import EMAMethod
+
+    with pytest.raises(ValueError, match=r"ema β=0\.9"):
+        run_one(
+            digits_task("inverted"), TINY, 0, make_methods=lambda: [EMAMethod(0.9), EMAMethod(0.9)]
+        )
