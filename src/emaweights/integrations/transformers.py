@@ -1,0 +1,190 @@
+r"""Hugging Face ``Trainer`` callback: an EMA of the model's weights.
+
+.. math::
+    \bar\theta_t = \beta_t\,\bar\theta_{t-1} + (1 - \beta_t)\,\theta_t
+    \quad\text{after every optimizer step } t
+
+Usage::
+
+    from emaweights.integrations.transformers import EMACallback
+
+    ema_cb = EMACallback(decay=0.999, save_averaged_to="out/averaged")
+    trainer = Trainer(model, args, train_dataset=..., eval_dataset=..., callbacks=[ema_cb])
+    trainer.train()                              # or train(resume_from_checkpoint=True)
+    with ema_cb.ema.applied():                   # evaluate the average by hand
+        trainer.evaluate()
+
+What it guarantees:
+
+* **One update per optimizer step**: ``on_step_end`` fires once per
+  optimizer step (``on_substep_end`` for the other micro-batches), and the
+  step number is ``state.global_step``.
+* **Evaluation with the average**: when the Trainer is about to evaluate
+  (``control.should_evaluate`` after a step or an epoch, or
+  ``eval_on_start``) the averaged weights are swapped in by pointer, and put
+  back in ``on_evaluate``, before any checkpoint is written, so checkpoints
+  always hold the live weights.
+* **Resume**: on every save the EMA state goes into the ``checkpoint-N``
+  folder as ``emaweights_ema.pt`` (atomic, loaded with ``weights_only``).
+  On ``train(resume_from_checkpoint=...)`` it is loaded back, so the resumed
+  average equals an uninterrupted one.
+* **Final export**: ``save_averaged_to`` writes the averaged model with
+  ``save_pretrained`` when training ends (for a PEFT model: the averaged
+  adapters, in the adapter's own format).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from emaweights._naming import unwrap
+from emaweights.ema import EMA
+from emaweights.integrations._require import require
+from emaweights.io import load_state, save_state
+from emaweights.schedules import Schedule
+
+__all__ = ["STATE_FILE", "EMACallback", "save_pretrained_averaged"]
+
+_TrainerCallback: Any = require("transformers", "transformers").TrainerCallback
+
+#: File name of the EMA state inside a ``checkpoint-N`` folder.
+STATE_FILE = "emaweights_ema.pt"
+
+
+class EMACallback(_TrainerCallback):  # type: ignore[misc]
+    """Keep an :class:`~emaweights.EMA` of the Trainer's model and evaluate with it.
+
+    Args:
+        decay: constant decay or :class:`~emaweights.schedules.Schedule`.
+        evaluate: run the Trainer's scheduled evaluations with the averaged weights.
+        save_averaged_to: folder to write the averaged model to at the end of
+            training (``save_pretrained`` format); ``None`` to skip.
+        resume_from: checkpoint folder to read the EMA state from on resume,
+            when it is not ``<output_dir>/checkpoint-<global_step>``.
+        **ema_options: passed to :class:`~emaweights.EMA` (``update_every``,
+            ``start_step``, ``anchor``, ``dtype``, ``device``,
+            ``include_frozen``, ``exclude``, ``buffers``, ``foreach``).
+
+    Attributes:
+        ema: the :class:`~emaweights.EMA`, created when training begins.
+
+    """
+
+    def __init__(
+        self,
+        decay: float | Schedule = 0.999,
+        *,
+        evaluate: bool = True,
+        save_averaged_to: str | os.PathLike[str] | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
+        **ema_options: Any,
+    ) -> None:
+        self.decay = decay
+        self.evaluate = evaluate
+        self.save_averaged_to = save_averaged_to
+        self.resume_from = resume_from
+        self.ema_options = ema_options
+        self.ema: EMA | None = None
+        self._offset = 0  # optimizer steps taken before the EMA existed
+        self._applied_here = False  # only undo a swap this callback made
+
+    # -- start and resume --------------------------------------------------
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Create the EMA on the (possibly just restored) model; load its state on resume."""
+        model = kwargs["model"]
+        self.ema = EMA(model, self.decay, **self.ema_options)
+        self._offset = 0
+        if state.global_step > 0:
+            self._resume(args, state)
+        if self.evaluate and args.eval_on_start:
+            self._apply()
+
+    def _resume(self, args: Any, state: Any) -> None:
+        assert self.ema is not None  # internal invariant
+        folders = [self.resume_from, getattr(args, "resume_from_checkpoint", None)]
+        folders.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        for folder in folders:
+            if folder is not None and isinstance(folder, (str, os.PathLike)):
+                path = Path(folder) / STATE_FILE
+                if path.is_file():
+                    self.ema.load_state_dict(load_state(path))
+                    return
+        self._offset = state.global_step
+        warnings.warn(
+            f"resuming at step {state.global_step} without an EMA state (looked for {STATE_FILE} "
+            f"in {[str(f) for f in folders if f]}); the average restarts from the current "
+            "weights. Pass EMACallback(resume_from=<checkpoint folder>) if it is elsewhere.",
+            stacklevel=2,
+        )
+
+    # -- updates -----------------------------------------------------------
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Update after the optimizer step; swap the average in if evaluation follows."""
+        if self.ema is None:
+            return
+        step = state.global_step - self._offset
+        if step > self.ema.step:
+            self.ema.update(step=step)
+        if self.evaluate and control.should_evaluate:
+            self._apply()
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Swap the average in if an end-of-epoch evaluation follows."""
+        if self.evaluate and control.should_evaluate:
+            self._apply()
+
+    # -- evaluation --------------------------------------------------------
+
+    def _apply(self) -> None:
+        if self.ema is not None and not self.ema.is_applied:
+            self.ema.apply_shadow()
+            self._applied_here = True
+
+    def _restore(self) -> None:
+        if self._applied_here and self.ema is not None and self.ema.is_applied:
+            self.ema.restore()
+        self._applied_here = False
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Put the live weights back once the evaluation is done."""
+        self._restore()
+
+    # -- checkpoints and the end -------------------------------------------
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Write the EMA state into the checkpoint folder the Trainer just wrote."""
+        self._restore()  # defensive: evaluation already restored before any save
+        if self.ema is None or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        save_state(self.ema.state_dict(), folder / STATE_FILE)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Put the live weights back; write the averaged model if asked."""
+        self._restore()
+        if self.ema is None or self.save_averaged_to is None or not state.is_world_process_zero:
+            return
+        save_pretrained_averaged(self.ema, self.save_averaged_to)
+
+
+def save_pretrained_averaged(ema: EMA, path: str | os.PathLike[str]) -> None:
+    """Write the EMA's model with the averaged weights in ``save_pretrained`` format.
+
+    The averaged weights are passed as ``state_dict`` (owned copies, so the
+    live model is untouched and no shared-storage views reach the writer).
+    A PEFT model writes only its (averaged) adapters, in PEFT's format; a
+    plain ``nn.Module`` without ``save_pretrained`` gets
+    ``model.safetensors`` (see :func:`emaweights.export.save_averaged`).
+    """
+    save_pretrained = getattr(unwrap(ema.model), "save_pretrained", None)
+    if callable(save_pretrained):
+        save_pretrained(str(path), state_dict=ema.averaged_state_dict())
+    else:
+        from emaweights.export import save_averaged
+
+        save_averaged(ema, Path(path) / "model.safetensors")
