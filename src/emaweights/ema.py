@@ -42,9 +42,10 @@ from emaweights._naming import BufferPolicy, collect, unwrap
 from emaweights.schedules import Schedule, as_schedule, schedule_from_dict
 from emaweights.shadow import Shadow, SwapRecord
 
-__all__ = ["EMA", "SwapError"]
+__all__ = ["EMA", "NonFiniteError", "SwapError"]
 
 Anchor = Literal["init", "debiased"]
+NonFinitePolicy = Literal["check", "raise", "skip"]
 _FORMAT = "emaweights.EMA"
 _VERSION = 1
 # The full (per-tensor) check of the model's tensors runs on the first update and
@@ -54,6 +55,10 @@ _CHECK_EVERY = 100
 
 class SwapError(RuntimeError):
     """The averaged weights were misused while swapped in, or swapping was misused."""
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or infinity in the live weights (``nonfinite="raise"``) or in the average."""
 
 
 def _positive_int(value: object, what: str, minimum: int = 1) -> int:
@@ -84,6 +89,14 @@ class EMA:
         buffers: floating buffers ``"average"`` (default), ``"copy"`` or
             ``"ignore"``; integer buffers are always copied (unless ignored).
         foreach: kernel choice (``None``: the fastest available).
+        nonfinite: what to do about NaN/infinity. ``"check"`` (default) costs
+            nothing per step: every read of the average (swap, state dict,
+            export, ``copy_to``) checks it and raises :class:`NonFiniteError`
+            naming the tensors, so a non-finite average is never used or
+            saved silently. ``"raise"`` checks the live weights before each
+            update and raises before the average is touched; ``"skip"`` skips
+            that update and counts it in :attr:`skipped_updates`. Both cost one
+            fused reduction over the weights and one host sync per update.
 
     Raises:
         ValueError: an argument is out of range (the message names the value),
@@ -105,6 +118,7 @@ class EMA:
         exclude: Sequence[str] = (),
         buffers: BufferPolicy = "average",
         foreach: bool | None = None,
+        nonfinite: NonFinitePolicy = "check",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -117,6 +131,9 @@ class EMA:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if isinstance(exclude, str):
             raise TypeError(f"exclude must be a sequence of patterns, got the string {exclude!r}")
+        if nonfinite not in ("check", "raise", "skip"):
+            raise ValueError(f"nonfinite must be 'check', 'raise' or 'skip', got {nonfinite!r}")
+        self.nonfinite: NonFinitePolicy = nonfinite
         self.anchor: Anchor = anchor
         self.model = model
         self._options = dict(include_frozen=include_frozen, exclude=tuple(exclude), buffers=buffers)
@@ -148,6 +165,7 @@ class EMA:
         )
         self.step = 0  # optimizer steps seen
         self.num_updates = 0  # averaging updates applied
+        self.skipped_updates = 0  # updates skipped for non-finite weights (nonfinite="skip")
         self._last_step = 0  # optimizer step of the last update (or copy)
         self.init_weight = 1.0  # P_T: weight of the starting weights in the average
 
@@ -182,7 +200,16 @@ class EMA:
         if (self.step - self.start_step) % self.update_every:
             return
         if self.num_updates % _CHECK_EVERY == 0:
-            self._shadow.check_live()
+            self._check_model()
+        if self.nonfinite != "check" and not self._shadow.live_all_finite():
+            if self.nonfinite == "raise":
+                raise NonFiniteError(
+                    f"non-finite live weights at optimizer step {self.step}; the average is "
+                    "unchanged (nonfinite='skip' skips such updates instead)"
+                )
+            self.skipped_updates += 1
+            self._last_step = self.step  # the skipped steps do not age the average
+            return
         self._shadow.average_(self._weight())
         self.num_updates += 1
 
@@ -215,7 +242,8 @@ class EMA:
 
         """
         self._refuse_while_applied("apply_shadow")
-        self._shadow.check_live()
+        self._check_model()
+        self._check_finite("apply_shadow")
         self._swap = self._shadow.swap_in()
         swapped = {id(e.get()) for e, _ in self._swap.held if e.kind == "param"}
         self._hook = register_optimizer_step_pre_hook(
@@ -256,6 +284,28 @@ class EMA:
         finally:
             self.restore()
 
+    def _check_model(self) -> None:
+        """Raise if tensors changed shape, dtype or device, or were added, since creation."""
+        self._shadow.check_live()
+        now = {e.name for e in collect(self.model, **self._options)}  # type: ignore[arg-type]
+        added = sorted(now - set(self._shadow.names()))
+        if added:
+            raise RuntimeError(
+                f"the model gained tensors after the EMA was made: {added[:10]}"
+                + (f" and {len(added) - 10} more" if len(added) > 10 else "")
+                + "; make a new EMA (or call register()) to average them"
+            )
+
+    def _check_finite(self, what: str) -> None:
+        bad = self._shadow.nonfinite_names()
+        if bad:
+            raise NonFiniteError(
+                f"{what}: the average holds NaN or infinity in {bad[:10]}"
+                + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+                + " (the live weights were non-finite at some update; use nonfinite='raise' "
+                "or 'skip' to catch it when it happens)"
+            )
+
     def _refuse_while_applied(self, what: str) -> None:
         if self._swap is not None:
             raise SwapError(
@@ -289,6 +339,7 @@ class EMA:
 
         """
         self._refuse_while_applied("copy_to")
+        self._check_finite("copy_to")
         if model is None or unwrap(model) is unwrap(self.model):
             self._shadow.copy_to_live_()
             return
@@ -302,6 +353,7 @@ class EMA:
         its memory, so the result can be saved anywhere or loaded with
         ``model.load_state_dict``.
         """
+        self._check_finite("averaged_state_dict")
         out = {}
         with torch.no_grad():
             from emaweights._naming import canonical_name
@@ -321,13 +373,18 @@ class EMA:
 
         Only tensors and plain Python values, so it loads with
         ``torch.load(..., weights_only=True)``.
+
+        Raises:
+            NonFiniteError: the average holds NaN or infinity (never saved silently).
         """
+        self._check_finite("state_dict")
         return {
             "format": _FORMAT,
             "version": _VERSION,
             "step": self.step,
             "last_step": self._last_step,
             "num_updates": self.num_updates,
+            "skipped_updates": self.skipped_updates,
             "init_weight": self.init_weight,
             "config": self._config(),
             "shadow": self._shadow.state(),
@@ -339,54 +396,43 @@ class EMA:
             "update_every": self.update_every,
             "start_step": self.start_step,
             "anchor": self.anchor,
+            "nonfinite": self.nonfinite,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` returned.
 
+        Every field is validated before anything changes, so a bad state
+        (another architecture, a truncated or hand-edited file) leaves the EMA
+        exactly as it was.
+
         Args:
             state: the saved state.
             strict: require the same tensor names, dtypes and configuration.
                 With ``strict=False`` the saved configuration (schedule,
-                ``update_every``, ``start_step``, ``anchor``) is adopted.
+                ``update_every``, ``start_step``, ``anchor``, ``nonfinite``) is
+                adopted and only the tensors present in both are loaded.
 
         Raises:
-            ValueError: not an EMA state, or a mismatch (each one listed);
-                nothing is changed then.
+            ValueError: not an EMA state, a malformed field, or a mismatch
+                (each one listed).
             KeyError: missing or unexpected tensor names (listed).
-
         """
         self._refuse_while_applied("load_state_dict")
-        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
-            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(
-                f"not an emaweights EMA state (format {found!r}, expected {_FORMAT!r})"
-            )
-        if state.get("version") != _VERSION:
-            raise ValueError(
-                f"unsupported EMA state version {state.get('version')!r}, expected {_VERSION}"
-            )
-        config = state["config"]
+        parsed = _parse_state(state)
+        config = parsed["config"]
         if strict and config != self._config():
             diff = {k: (config.get(k), v) for k, v in self._config().items() if config.get(k) != v}
             raise ValueError(
                 f"EMA configuration differs from the saved one (saved, current): {diff}"
             )
-        schedule = schedule_from_dict(dict(config["schedule"]))
-        counters = {k: state[k] for k in ("step", "last_step", "num_updates")}
-        for k, v in counters.items():
-            _positive_int(v, f"saved {k}", minimum=0)
-        self._shadow.load_(state["shadow"], strict=strict)
-        self.schedule = schedule
-        self.update_every = _positive_int(config["update_every"], "saved update_every")
-        self.start_step = _positive_int(config["start_step"], "saved start_step", minimum=0)
-        self.anchor = config["anchor"]
-        self.step, self._last_step, self.num_updates = (
-            counters["step"],
-            counters["last_step"],
-            counters["num_updates"],
-        )
-        self.init_weight = float(state["init_weight"])
+        self._shadow.load_(parsed["shadow"], strict=strict)
+        self.schedule = parsed["schedule"]
+        self.update_every, self.start_step = config["update_every"], config["start_step"]
+        self.anchor, self.nonfinite = config["anchor"], config["nonfinite"]
+        self.step, self._last_step = parsed["step"], parsed["last_step"]
+        self.num_updates, self.skipped_updates = parsed["num_updates"], parsed["skipped_updates"]
+        self.init_weight = parsed["init_weight"]
 
     def __repr__(self) -> str:
         return (
@@ -406,3 +452,54 @@ def _load_into(model: nn.Module, state: Mapping[str, Tensor]) -> None:
             f"model does not match the EMA: missing {result.missing_keys}, "
             f"unexpected {result.unexpected_keys}"
         )
+
+
+def _parse_state(state: object) -> dict[str, Any]:
+    """Validate a saved EMA state field by field; raise ``ValueError`` naming the bad one."""
+    if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+        found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(f"not an emaweights EMA state (format {found!r}, expected {_FORMAT!r})")
+    if state.get("version") != _VERSION:
+        raise ValueError(
+            f"unsupported EMA state version {state.get('version')!r}, expected {_VERSION}"
+        )
+    missing = [
+        k
+        for k in ("step", "last_step", "num_updates", "init_weight", "shadow", "config")
+        if k not in state
+    ]
+    if missing:
+        raise ValueError(f"EMA state lacks the fields {missing}")
+    out: dict[str, Any] = {
+        k: _positive_int(state.get(k, 0), f"saved {k}", minimum=0)
+        for k in ("step", "last_step", "num_updates", "skipped_updates")
+    }
+    w0 = state["init_weight"]
+    if isinstance(w0, bool) or not isinstance(w0, (int, float)) or not 0.0 <= w0 <= 1.0:
+        raise ValueError(f"saved init_weight must be a number in [0, 1], got {w0!r}")
+    out["init_weight"] = float(w0)
+    if not isinstance(state["shadow"], Mapping):
+        raise ValueError(
+            f"saved shadow must be a mapping of tensors, got {type(state['shadow']).__name__}"
+        )
+    out["shadow"] = state["shadow"]
+    config = state["config"]
+    if not isinstance(config, Mapping) or not isinstance(config.get("schedule"), Mapping):
+        raise ValueError(f"saved config is malformed: {config!r:.200}")
+    try:
+        out["schedule"] = schedule_from_dict(dict(config["schedule"]))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"saved schedule is invalid: {err}") from err
+    anchor, nonfinite = config.get("anchor"), config.get("nonfinite", "check")
+    if anchor not in ("init", "debiased"):
+        raise ValueError(f"saved anchor must be 'init' or 'debiased', got {anchor!r}")
+    if nonfinite not in ("check", "raise", "skip"):
+        raise ValueError(f"saved nonfinite must be 'check', 'raise' or 'skip', got {nonfinite!r}")
+    out["config"] = {
+        "schedule": config["schedule"],
+        "update_every": _positive_int(config.get("update_every"), "saved update_every"),
+        "start_step": _positive_int(config.get("start_step"), "saved start_step", minimum=0),
+        "anchor": anchor,
+        "nonfinite": nonfinite,
+    }
+    return out

@@ -208,6 +208,24 @@ class Shadow:
                 "into one built for the new model): " + "; ".join(problems)
             )
 
+    def live_all_finite(self) -> bool:
+        """Whether every averaged live tensor is finite (one fused reduction, one host sync)."""
+        norms: list[Tensor] = []
+        for g in self.averaged:
+            if g.live_dtype.is_floating_point:
+                norms.extend(torch._foreach_norm(g.live()))
+        if not norms:
+            return True
+        return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+
+    def nonfinite_names(self) -> list[str]:
+        """Names of shadow tensors holding NaN or infinity."""
+        return [
+            name
+            for name, t in self.tensors.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+
     # -- swapping ----------------------------------------------------------
 
     def swap_in(self) -> SwapRecord:
