@@ -185,6 +185,15 @@ class EMA:
 
         """
         self._refuse_while_applied("update")
+        saved = (self.step, self._last_step, self.init_weight)
+        try:
+            self._update(step)
+        except BaseException:
+            # A refused update (bad step, non-finite weights, changed model) has no effect.
+            self.step, self._last_step, self.init_weight = saved
+            raise
+
+    def _update(self, step: int | None) -> None:
         if step is None:
             self.step += 1
         else:
@@ -199,7 +208,7 @@ class EMA:
             return
         if (self.step - self.start_step) % self.update_every:
             return
-        if self.num_updates % _CHECK_EVERY == 0:
+        if self.num_updates % _CHECK_EVERY == 0 or self._shadow.live_moved():
             self._check_model()
         if self.nonfinite != "check" and not self._shadow.live_all_finite():
             if self.nonfinite == "raise":
@@ -474,6 +483,10 @@ def _parse_state(state: object) -> dict[str, Any]:
         k: _positive_int(state.get(k, 0), f"saved {k}", minimum=0)
         for k in ("step", "last_step", "num_updates", "skipped_updates")
     }
+    if out["last_step"] > out["step"]:
+        raise ValueError(
+            f"saved last_step {out['last_step']!r} is after the saved step {out['step']!r}"
+        )
     w0 = state["init_weight"]
     if isinstance(w0, bool) or not isinstance(w0, (int, float)) or not 0.0 <= w0 <= 1.0:
         raise ValueError(f"saved init_weight must be a number in [0, 1], got {w0!r}")

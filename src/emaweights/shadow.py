@@ -194,9 +194,12 @@ class Shadow:
         """
         problems = []
         for g in self.averaged + self.copied:
-            for e, v in zip(g.entries, g.views, strict=True):
+            for i, (e, v) in enumerate(zip(g.entries, g.views, strict=True)):
                 t = e.get()
-                if t.shape != v.shape:
+                if i < len(g.params) and t is not g.params[i]:
+                    # e.g. load_state_dict(assign=True): the average would follow the old tensor
+                    problems.append(f"{e.name}: the Parameter object was replaced")
+                elif t.shape != v.shape:
                     problems.append(f"{e.name}: shape {tuple(v.shape)} -> {tuple(t.shape)}")
                 elif t.dtype != g.live_dtype:
                     problems.append(f"{e.name}: dtype {g.live_dtype} -> {t.dtype}")
@@ -207,6 +210,20 @@ class Shadow:
                 "the model changed after the EMA was made; make a new EMA (or load its state "
                 "into one built for the new model): " + "; ".join(problems)
             )
+
+    def live_moved(self) -> bool:
+        """Whether the model was moved to another dtype or device (O(groups), no sync).
+
+        Checks one tensor per group: ``model.to(...)`` moves all of them, so
+        this catches it at the next update; :meth:`check_live` lists the details.
+        """
+        for g in self.averaged + self.copied:
+            t = g.entries[0].get()  # re-read: some moves replace the Parameter object
+            if t.dtype != g.live_dtype or t.device != g.live_device:
+                return True
+            if g.params and t is not g.params[0]:
+                return True
+        return False
 
     def live_all_finite(self) -> bool:
         """Whether every averaged live tensor is finite (one fused reduction, one host sync)."""
@@ -290,10 +307,16 @@ class Shadow:
             src, dst = state[name], self.tensors[name]
             if not isinstance(src, Tensor):
                 bad.append(f"{name}: not a tensor ({type(src).__name__})")
+            elif src.layout != torch.strided or src.is_meta:
+                bad.append(f"{name}: holds no data ({src.layout}, device {src.device})")
             elif src.shape != dst.shape:
                 bad.append(f"{name}: shape {tuple(src.shape)} != {tuple(dst.shape)}")
             elif strict and src.dtype != dst.dtype:
                 bad.append(f"{name}: dtype {src.dtype} != {dst.dtype}")
+            elif src.is_floating_point() != dst.is_floating_point() or src.is_complex():
+                bad.append(f"{name}: dtype {src.dtype} cannot be cast to {dst.dtype}")
+            elif src.is_floating_point() and not bool(torch.isfinite(src).all()):
+                bad.append(f"{name}: holds NaN or infinity")
         if bad:
             raise ValueError("EMA state does not match the model: " + "; ".join(bad))
         names = [n for n in self.tensors if n in state]
