@@ -35,6 +35,16 @@ class LoadError(ValueError):
     """A file could not be loaded safely (corrupt, truncated, or not what it claims)."""
 
 
+def _file_mode(target: Path) -> int:
+    """The mode a plain ``open(target, "w")`` would give (``mkstemp`` makes 0600 files)."""
+    try:
+        return os.stat(target).st_mode & 0o777  # keep the mode of the file replaced
+    except OSError:
+        umask = os.umask(0o022)  # the only portable way to read it
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename durable (a no-op where folders cannot be opened, e.g. Windows)."""
     with contextlib.suppress(OSError):
@@ -57,6 +67,8 @@ def atomic_write(path: PathLike) -> Iterator[IO[bytes]]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        with contextlib.suppress(OSError, AttributeError):  # no fchmod on Windows
+            os.fchmod(fd, _file_mode(target))
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
