@@ -297,13 +297,13 @@ class Shadow:
 
         """
         missing = sorted(set(self.tensors) - set(state))
-        unexpected = sorted(set(state) - set(self.tensors))
+        unexpected = sorted(set(state) - set(self.tensors), key=str)  # keys may not be str
         if strict and (missing or unexpected):
             raise KeyError(
                 f"EMA state does not match the model: missing {missing}, unexpected {unexpected}"
             )
         bad = []
-        for name in sorted(set(state) & set(self.tensors)):
+        for name in sorted(set(self.tensors).intersection(state)):
             src, dst = state[name], self.tensors[name]
             if not isinstance(src, Tensor):
                 bad.append(f"{name}: not a tensor ({type(src).__name__})")

@@ -336,3 +336,14 @@ def test_optimizer_step_while_applied_touches_nothing() -> None:
     assert_unchanged(ema, before)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), live, strict=True))
     opt.step()  # after restore, training works again
+
+
+def test_non_string_keys_listed() -> None:
+    """Unexpected shadow keys of mixed types (int and str) are listed, not a sort TypeError."""
+    _, _, ema = trained()
+    state = ema.state_dict()
+    state["shadow"] = {**state["shadow"], 3: torch.zeros(1), "x": torch.zeros(1)}
+    before = snapshot(ema)
+    with pytest.raises(KeyError, match=r"unexpected \[3, 'x'\]"):
+        ema.load_state_dict(state)
+    assert_unchanged(ema, before)
