@@ -463,12 +463,18 @@ def _load_into(model: nn.Module, state: Mapping[str, Tensor]) -> None:
         )
 
 
+def _is(value: object, kind: type, *allowed: object) -> bool:
+    """Whether ``value`` is a plain ``kind`` (not a bool or tensor) equal to one of ``allowed``."""
+    return type(value) is kind and value in allowed
+
+
 def _parse_state(state: object) -> dict[str, Any]:
     """Validate a saved EMA state field by field; raise ``ValueError`` naming the bad one."""
-    if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+    # Type checks come before comparisons: a tensor compared to a str or int has no truth value.
+    if not isinstance(state, Mapping) or not _is(state.get("format"), str, _FORMAT):
         found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(f"not an emaweights EMA state (format {found!r}, expected {_FORMAT!r})")
-    if state.get("version") != _VERSION:
+    if not _is(state.get("version"), int, _VERSION):
         raise ValueError(
             f"unsupported EMA state version {state.get('version')!r}, expected {_VERSION}"
         )
@@ -504,12 +510,12 @@ def _parse_state(state: object) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise ValueError(f"saved schedule is invalid: {err}") from err
     anchor, nonfinite = config.get("anchor"), config.get("nonfinite", "check")
-    if anchor not in ("init", "debiased"):
+    if not _is(anchor, str, "init", "debiased"):
         raise ValueError(f"saved anchor must be 'init' or 'debiased', got {anchor!r}")
-    if nonfinite not in ("check", "raise", "skip"):
+    if not _is(nonfinite, str, "check", "raise", "skip"):
         raise ValueError(f"saved nonfinite must be 'check', 'raise' or 'skip', got {nonfinite!r}")
     out["config"] = {
-        "schedule": config["schedule"],
+        "schedule": out["schedule"].to_dict(),  # normalized: safe to compare
         "update_every": _positive_int(config.get("update_every"), "saved update_every"),
         "start_step": _positive_int(config.get("start_step"), "saved start_step", minimum=0),
         "anchor": anchor,

@@ -196,15 +196,15 @@ class Shadow:
         for g in self.averaged + self.copied:
             for i, (e, v) in enumerate(zip(g.entries, g.views, strict=True)):
                 t = e.get()
-                if i < len(g.params) and t is not g.params[i]:
-                    # e.g. load_state_dict(assign=True): the average would follow the old tensor
-                    problems.append(f"{e.name}: the Parameter object was replaced")
-                elif t.shape != v.shape:
+                if t.shape != v.shape:
                     problems.append(f"{e.name}: shape {tuple(v.shape)} -> {tuple(t.shape)}")
                 elif t.dtype != g.live_dtype:
                     problems.append(f"{e.name}: dtype {g.live_dtype} -> {t.dtype}")
                 elif t.device != g.live_device:
                     problems.append(f"{e.name}: device {g.live_device} -> {t.device}")
+                elif i < len(g.params) and t is not g.params[i]:
+                    # e.g. load_state_dict(assign=True): the average would follow the old tensor
+                    problems.append(f"{e.name}: the Parameter object was replaced")
         if problems:
             raise RuntimeError(
                 "the model changed after the EMA was made; make a new EMA (or load its state "

@@ -1,89 +1,47 @@
-"""Training runs for the exact-resume test; also runnable as a fresh process.
+"""Worker for the exact-resume test: train from step START to STOP, resuming from CKPT if given.
 
-``python -m tests.reliability._resume_worker first N CKPT`` trains steps 1..N
-and saves a checkpoint (model, optimizer, EMA) with :func:`emaweights.io.save_state`;
-``... resume M CKPT OUT`` loads it in a new process, trains to step M and saves
-the EMA states. Every configuration of :data:`CONFIGS` runs in each call.
+Usage: python _resume_worker.py START STOP CKPT_IN|- CKPT_OUT
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import torch
 from torch import nn
 
-from emaweights import EMA, io
-from emaweights.schedules import Warmup
-from tests._models import mlp, train_step
-
-# Each exercises a part of the state: schedule position, update_every phase,
-# start_step, the debiased anchor's P_T, buffers, and skipped-update counts.
-CONFIGS: dict[str, dict[str, Any]] = {
-    "constant": {"decay": 0.9},
-    "warmup_every3_start5_debiased": {
-        "decay": Warmup(0.99),
-        "update_every": 3,
-        "start_step": 5,
-        "anchor": "debiased",
-    },
-    "halflife_skip_nonfinite": {"decay": 0.95, "nonfinite": "skip"},
-}
-NAN_STEPS = (4, 13)  # steps at which the live weights are non-finite during update()
+from emaweights import EMA, Warmup, io
 
 
-def build(name: str) -> tuple[nn.Module, torch.optim.Optimizer, EMA]:
-    """Model (with BatchNorm buffers), Adam and the EMA of one configuration."""
+def build() -> tuple[nn.Module, torch.optim.Optimizer, EMA]:
     torch.manual_seed(0)
-    model = mlp(batchnorm=True)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    return model, opt, EMA(model, **CONFIGS[name])
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMA(
+        model, Warmup(0.99), update_every=3, start_step=2, anchor="debiased", nonfinite="skip"
+    )
+    return model, opt, ema
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, ema: EMA, start: int, end: int) -> None:
-    """Optimizer steps ``start+1 .. end``, each followed by an EMA update."""
-    weight = next(model.parameters())
-    for step in range(start + 1, end + 1):
-        train_step(model, opt, seed=step)
-        if ema.nonfinite == "skip" and step in NAN_STEPS:
-            saved = weight.detach().clone()
-            with torch.no_grad():
-                weight[0, 0] = float("nan")
-            ema.update()
-            with torch.no_grad():
-                weight.copy_(saved)
-        else:
-            ema.update()
-
-
-def first(n: int, ckpt: str) -> None:
-    """Train every configuration for ``n`` steps and save one checkpoint."""
-    out = {}
-    for name in CONFIGS:
-        model, opt, ema = build(name)
-        train(model, opt, ema, 0, n)
-        out[name] = {"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict()}
-    io.save_state(out, ckpt)
-
-
-def resume(m: int, ckpt: str, dest: str) -> None:
-    """Load the checkpoint into fresh objects, train to step ``m``, save the EMA states."""
-    saved = io.load_state(ckpt)
-    out = {}
-    for name in CONFIGS:
-        model, opt, ema = build(name)
-        model.load_state_dict(saved[name]["model"])
-        opt.load_state_dict(saved[name]["opt"])
-        ema.load_state_dict(saved[name]["ema"])
-        train(model, opt, ema, ema.step, m)
-        out[name] = ema.state_dict()
-    io.save_state(out, dest)
+def main(start: int, stop: int, ckpt_in: str, ckpt_out: str) -> None:
+    model, opt, ema = build()
+    if ckpt_in != "-":
+        state = io.load_state(ckpt_in)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+    for step in range(start + 1, stop + 1):
+        g = torch.Generator().manual_seed(step)  # the data of a step depends only on the step
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        ema.update()
+    io.save_state(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict()},
+        ckpt_out,
+    )
 
 
 if __name__ == "__main__":
-    torch.use_deterministic_algorithms(True)
-    if sys.argv[1] == "first":
-        first(int(sys.argv[2]), sys.argv[3])
-    else:
-        resume(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
