@@ -3,7 +3,8 @@
 Run as ``python -m tests.reliability._crash_writer``. It starts torch
 single-threaded (a fork of a process with a running thread pool can hang), then
 for each ``go KIND PATH K`` line on stdin forks a child writing counters K,
-K+1, ... to PATH forever and prints its pid; for each ``reap`` line it waits for
+K+1, ... to PATH forever and prints its pid (the child prints ``first`` after its
+first complete write, in either order); for each ``reap`` line it waits for
 that child and prints its wait status.
 """
 
@@ -32,9 +33,11 @@ def main() -> None:
                 try:
                     write = write_ema if cmd[1] == "ema_state" else write_st
                     path, k = Path(cmd[2]), int(cmd[3])
+                    write(path, k, ema)
+                    print("first", flush=True)  # the kill comes after one complete write
                     while True:
-                        write(path, k, ema)
                         k += 1
+                        write(path, k, ema)
                 finally:
                     os._exit(1)
             print(child, flush=True)
