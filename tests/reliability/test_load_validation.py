@@ -167,27 +167,6 @@ def mutated_states(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _fuzz_state_dict(files: dict[str, Any], n: int) -> None:
-    base = files["ema"].state_dict()
-    base = {**base, "shadow": {k: v.clone() for k, v in base["shadow"].items()}}
-
-    @_settings(n)
-    @given(state=mutated_states(base), strict=st.booleans())
-    def run(state: dict[str, Any], strict: bool) -> None:
-        TRIED["EMA.load_state_dict"] += 1
-        ema = files["ema"]
-        before = snapshot(ema)
-        try:
-            ema.load_state_dict(state, strict=strict)
-        except ALLOWED as err:
-            assert str(err)
-            assert_unchanged(ema, before)
-        else:
-            ema.load_state_dict(base)  # back to the valid state for the next example
-
-    run()
-
-
 def _fuzz(n: int) -> None:
     _, ema = trained()
     base = ema.state_dict()
@@ -206,7 +185,7 @@ def _fuzz(n: int) -> None:
         else:
             shadow = [t for t in ema.shadow.values() if t.is_floating_point()]
             assert all(bool(torch.isfinite(t).all()) for t in shadow)
-            ema.load_state_dict(base)  # back to the valid state for the next example
+            ema.load_state_dict(base, strict=False)  # back to the base config and values
 
     run()
 
