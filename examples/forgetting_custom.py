@@ -28,6 +28,9 @@ if __name__ == "__main__":
     )
     config = Config(seeds=(0, 1, 2), pretrain_epochs=5, finetune_epochs=5)
     results = run(
-        [task], config, make_methods=lambda: [EMAMethod(0.99), EMAMethod(0.9)], make_model=my_model
+        [task],
+        config,
+        make_methods=lambda spe, total: [EMAMethod(0.99), EMAMethod(0.9)],
+        make_model=my_model,
     )
     print_table(summarize(results))

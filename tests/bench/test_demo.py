@@ -50,7 +50,9 @@ def test_ema_with_decay_zero_equals_fine_tuned() -> None:
     """An EMA with β=0 tracks the live weights, so it lands on the fine-tuned point."""
     from emaweights.bench.methods import EMAMethod
 
-    r = run_one(digits_task("class_split"), TINY, seed=1, make_methods=lambda: [EMAMethod(0.0)])
+    r = run_one(
+        digits_task("class_split"), TINY, seed=1, make_methods=lambda spe, total: [EMAMethod(0.0)]
+    )
     assert r.methods["ema β=0.0"] == r.interpolation[-1][1]
 
 
@@ -60,5 +62,8 @@ def test_duplicate_method_names_refused() -> None:
 
     with pytest.raises(ValueError, match=r"ema β=0\.9"):
         run_one(
-            digits_task("inverted"), TINY, 0, make_methods=lambda: [EMAMethod(0.9), EMAMethod(0.9)]
+            digits_task("inverted"),
+            TINY,
+            0,
+            make_methods=lambda spe, total: [EMAMethod(0.9), EMAMethod(0.9)],
         )

@@ -69,17 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.close()
     rows = summarize(results)
     print_table(rows)
-    config = {**dataclasses.asdict(cfg), "shifts": list(shifts), "steps": results[0].steps}
+    steps = {r.task: r.steps for r in results}  # T: fine-tuning steps per task
+    config = {**dataclasses.asdict(cfg), "shifts": list(shifts), "steps": steps}
     save(results, rows, args.out, config)
     written = [args.out / "results.json", args.out / "summary.csv"]
     if not args.no_plot:
         plot(results, rows, args.out / "tradeoff.png")
         written.append(args.out / "tradeoff.png")
     elapsed = time.perf_counter() - start
+    per_task = ", ".join(f"{t} {n}" for t, n in steps.items())
     print(
-        f"{total} runs ({len(shifts)} shifts x {len(cfg.seeds)} seeds, "
-        f"{results[0].steps} fine-tuning steps each) in {elapsed:.1f} s; wrote "
-        + ", ".join(str(p) for p in written)
+        f"{total} runs ({len(shifts)} shifts x {len(cfg.seeds)} seeds; fine-tuning steps T: "
+        f"{per_task}) in {elapsed:.1f} s; wrote " + ", ".join(str(p) for p in written)
     )
     return 0
 
