@@ -23,6 +23,7 @@ def my_model(task: TaskPair, cfg: Config) -> nn.Module:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # tiny model: extra threads only add synchronization
     task = TaskPair(
         "blobs", a=blobs(0, layout=7), b=blobs(1, layout=8), num_features=10, num_classes=3
     )

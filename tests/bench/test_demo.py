@@ -35,6 +35,17 @@ def test_quick_run_writes_table_plot_json_csv(
         assert run["interpolation"][0]["a_test"] == run["pretrained"]["a_test"]
         # Oracle: an anchored EMA's w0 is beta^T.
         assert run["methods"]["ema β=0.99"]["w0"] == pytest.approx(0.99 ** run["steps"])
+    # Oracle: the summary is the mean over the per-seed runs written beside it.
+    for row in data["summary"]:
+        if row["name"] != "fine-tuned (final)":
+            continue
+        finals = [
+            r["interpolation"][-1]["a_test"] for r in data["runs"] if r["task"] == row["task"]
+        ]
+        assert row["a_mean"] == pytest.approx(sum(finals) / len(finals))
+    assert data["config"]["steps"] == {r["task"]: r["steps"] for r in data["runs"]}
+    csv_lines = (tmp_path / "summary.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + len(data["summary"])
 
 
 def test_reproducible() -> None:

@@ -49,7 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return the exit code."""
     args = _parser().parse_args(argv)
     cfg, shifts = config_for(args)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads cost more than they give
+    try:
+        return _run(args, cfg, shifts)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests)
+
+
+def _run(args: argparse.Namespace, cfg: Config, shifts: tuple[str, ...]) -> int:
     tasks = digits_tasks(shifts)
     total = len(tasks) * len(cfg.seeds)
     start = time.perf_counter()
