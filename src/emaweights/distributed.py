@@ -1,4 +1,4 @@
-"""DDP and FSDP2: sharded shadows, distributed checkpoints, consolidated files.
+r"""DDP and FSDP2: sharded shadows, distributed checkpoints, consolidated files.
 
 Under ``DistributedDataParallel`` every rank holds the full model and the same
 weights after each step, so an :class:`~emaweights.ema.EMA` on each rank stays
@@ -10,9 +10,9 @@ keeps a ``DTensor`` shadow with each parameter's mesh and placements: each rank
 stores and updates only its local shards,
 
 .. math::
-    \\bar\\theta^{(r)}_t = \\beta_t\\,\\bar\\theta^{(r)}_{t-1} + (1-\\beta_t)\\,\\theta^{(r)}_t ,
+    \bar\theta^{(r)}_t = \beta_t\,\bar\theta^{(r)}_{t-1} + (1-\beta_t)\,\theta^{(r)}_t ,
 
-where :math:`\\theta^{(r)}` is rank :math:`r`'s shard. The update is elementwise,
+where :math:`\theta^{(r)}` is rank :math:`r`'s shard. The update is elementwise,
 so the shards of the average are the average of the shards: no communication
 per step, and shadow memory per rank is the full size over the world size.
 

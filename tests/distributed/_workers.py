@@ -190,6 +190,11 @@ def fsdp(rank: int, world: int, folder: Path, load_from: str | None) -> dict[str
     saved_full = full_shadow(ema)
     if rank == 0:
         torch.save({"shadow": saved_full, "step": ema.step}, folder / "oracle.pt")
+    # Updates are local: rank 0 alone updates; any collective inside would hang it.
+    if rank == 0:
+        for _ in range(3):
+            ema.update()
+    out["solo_updates"] = True
     if load_from is not None:
         oracle = torch.load(Path(load_from) / "oracle.pt", weights_only=True)
         for kind, load in (("dcp", load_dcp), ("full.safetensors", load_consolidated)):

@@ -82,6 +82,14 @@ def test_fsdp_shards_sum_to_full_size(
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_updates_need_no_communication(
+    fsdp_runs: dict[int, list[dict[str, Any]]], world: int
+) -> None:
+    """Rank 0 updating alone finishes: an FSDP2 update makes no collective call."""
+    assert all(r["solo_updates"] for r in fsdp_runs[world])
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_fsdp_swap_changes_the_forward(
     fsdp_runs: dict[int, list[dict[str, Any]]], world: int
 ) -> None:
