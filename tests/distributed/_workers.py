@@ -120,7 +120,14 @@ def ddp_buffers(rank: int, world: int, folder: Path) -> dict[str, Any]:
     expected = torch.stack(before).mean(0)
     average_buffers_(ema)
     after = _gather_flat(ema.shadow[name].clone())
+    # Evaluating through the DDP wrapper broadcasts rank 0's buffers into the swapped-in
+    # average; once averaged they agree, so the EMA is unchanged.
+    x, _ = batch(99)
+    model.eval()
+    with torch.no_grad(), ema.applied():
+        model(x)
     return {
+        "unchanged_by_ddp_eval": torch.equal(ema.shadow[name], after[rank]),
         "differed": not all(torch.equal(before[0], b) for b in before),
         "equal_after": all(torch.equal(after[0], a) for a in after),
         "mean_err": (after[0] - expected).abs().max().item(),
