@@ -212,4 +212,11 @@ def fsdp(rank: int, world: int, folder: Path, load_from: str | None) -> dict[str
                 torch.equal(got[k], oracle["shadow"][k]) for k in oracle["shadow"]
             ) and set(got) == set(oracle["shadow"])
             out[f"load_{kind}_step"] = fresh.step == oracle["step"]
+    # The averaged model state dict (DTensors) and copy_to agree with the gathered shadow.
+    current = full_shadow(ema)  # rank 0 has moved on alone: not saved_full any more
+    averaged = {k: v.full_tensor() for k, v in ema.averaged_state_dict().items()}
+    ema.copy_to()
+    written = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    out["averaged_state_dict"] = all(torch.equal(averaged[k], t) for k, t in current.items())
+    out["copy_to"] = all(torch.equal(written[k], t) for k, t in current.items())
     return out

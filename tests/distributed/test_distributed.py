@@ -100,6 +100,15 @@ def test_fsdp_swap_changes_the_forward(
         assert r["restored"]
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_averaged_state_dict_and_copy_to(
+    fsdp_runs: dict[int, list[dict[str, Any]]], world: int
+) -> None:
+    """averaged_state_dict() and copy_to() of an FSDP2 EMA hold the gathered shadow."""
+    for r in fsdp_runs[world]:
+        assert r["averaged_state_dict"] and r["copy_to"]
+
+
 @pytest.mark.parametrize("kind", ["dcp", "full.safetensors"])
 def test_fsdp_checkpoint_saved_on_4_loads_on_2_bitwise(
     fsdp_runs: dict[int, list[dict[str, Any]]], kind: str
