@@ -4,7 +4,7 @@ The core imports only torch. Framework adapters live in
 ``emaweights.integrations`` and are imported only when asked for.
 """
 
-from emaweights.ema import EMA, SwapError
+from emaweights.ema import EMA, NonFiniteError, SwapError
 from emaweights.interpolate import interpolate
 from emaweights.schedules import Constant, HalfLife, PowerWarmup, Schedule, Warmup
 
@@ -12,6 +12,7 @@ __all__ = [
     "EMA",
     "Constant",
     "HalfLife",
+    "NonFiniteError",
     "PowerWarmup",
     "Schedule",
     "SwapError",
