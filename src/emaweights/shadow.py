@@ -64,7 +64,6 @@ class _Group:
     )  # cached Parameter objects, stable under .to()
     buffers: list[Entry] = field(default_factory=list)  # buffers are re-read: .to() replaces them
     staging: list[Tensor] | None = None  # live copies on the shadow device (cross-device shadow)
-
     sharded: bool = False  # some params are DTensors: read their local shard every time
 
     def live(self) -> list[Tensor]:
@@ -152,11 +151,11 @@ class Shadow:
             for g in self.averaged + self.copied
             for e, v in zip(g.entries, g.views, strict=True)
         }
+        self.entries: dict[str, Entry] = {e.name: e for e in entries}
         # Views of sharded parameters are wrapped as DTensors with their placements.
         self.tensors: dict[str, Tensor] = {
-            e.name: wrap_like(self.local_tensors[e.name], e.get()) for e in entries
+            n: wrap_like(v, self.entries[n].get()) for n, v in self.local_tensors.items()
         }
-        self.entries: dict[str, Entry] = {e.name: e for e in entries}
 
     def _build(self, entries: Sequence[Entry]) -> list[_Group]:
         buckets: dict[tuple[object, ...], list[Entry]] = {}
