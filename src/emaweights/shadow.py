@@ -10,6 +10,12 @@ parameters, ``module._buffers[name] = shadow_view`` for buffers. No copy is made
 when dtype and device agree. When they do not (an fp32 shadow of a bf16 model,
 or a shadow kept on another device), the swap materializes one cast copy per
 tensor, freed on restore.
+
+Sharded parameters (FSDP2 ``DTensor``) keep a sharded shadow: the flat buffer
+holds this rank's local shards only, and :attr:`Shadow.tensors` wraps each view
+in a ``DTensor`` with the parameter's mesh and placements. Updates touch local
+shards only (no communication). Such parameters swap by *copy* into their local
+shard, since FSDP2 all-gathers from its own shard storage and ignores ``.data``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import Tensor
 
 from emaweights import functional as F
 from emaweights._naming import Entry
+from emaweights.distributed import distribute_like, is_dtensor, local, wrap_like
 
 __all__ = ["Shadow", "SwapRecord", "shadow_dtype_for"]
 
@@ -57,18 +64,21 @@ class _Group:
     )  # cached Parameter objects, stable under .to()
     buffers: list[Entry] = field(default_factory=list)  # buffers are re-read: .to() replaces them
     staging: list[Tensor] | None = None  # live copies on the shadow device (cross-device shadow)
+    sharded: bool = False  # some params are DTensors: read their local shard every time
 
     def live(self) -> list[Tensor]:
-        """The live tensors, in the order of ``views``."""
+        """The live tensors (local shards for DTensors), in the order of ``views``."""
+        # FSDP2 may replace a DTensor's local tensor (padding at lazy init): re-read it.
+        params = [local(p) for p in self.params] if self.sharded else self.params
         if not self.buffers:
-            return self.params
-        return self.params + [e.get() for e in self.buffers]
+            return params
+        return params + [e.get() for e in self.buffers]
 
 
 def _group_key(
     e: Entry, dtype: torch.dtype | None, device: torch.device | None
 ) -> tuple[object, ...]:
-    t = e.get()
+    t = local(e.get())
     sdt = shadow_dtype_for(t.dtype, dtype, e.kind != "copy_buffer")
     sdev = t.device if device is None else device
     return (t.dtype, t.device, sdt, sdev)
@@ -77,7 +87,7 @@ def _group_key(
 def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> _Group:
     # Parameters first, then buffers: the cached parameter list is a prefix.
     entries = [e for e in entries if e.kind == "param"] + [e for e in entries if e.kind != "param"]
-    live = [e.get() for e in entries]
+    live = [local(e.get()) for e in entries]
     flat = torch.empty(sum(t.numel() for t in live), dtype=sdt, device=sdev)
     views, offset = [], 0
     for t in live:
@@ -90,9 +100,10 @@ def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> 
         views=views,
         live_dtype=live[0].dtype,
         live_device=live[0].device,
-        params=list(live[:n_params]),
+        params=[e.get() for e in entries[:n_params]],
         buffers=entries[n_params:],
     )
+    group.sharded = any(is_dtensor(p) for p in group.params)
     if sdev != group.live_device:
         group.staging = [torch.empty_like(v, dtype=group.live_dtype) for v in views]
     F.copy_(views, live)
@@ -135,12 +146,16 @@ class Shadow:
         copied = [e for e in entries if e.kind == "copy_buffer"]
         self.averaged = self._build(averaged)
         self.copied = self._build(copied)
-        self.tensors: dict[str, Tensor] = {
+        self.local_tensors: dict[str, Tensor] = {
             e.name: v
             for g in self.averaged + self.copied
             for e, v in zip(g.entries, g.views, strict=True)
         }
         self.entries: dict[str, Entry] = {e.name: e for e in entries}
+        # Views of sharded parameters are wrapped as DTensors with their placements.
+        self.tensors: dict[str, Tensor] = {
+            n: wrap_like(v, self.entries[n].get()) for n, v in self.local_tensors.items()
+        }
 
     def _build(self, entries: Sequence[Entry]) -> list[_Group]:
         buckets: dict[tuple[object, ...], list[Entry]] = {}
@@ -195,7 +210,7 @@ class Shadow:
         problems = []
         for g in self.averaged + self.copied:
             for e, v in zip(g.entries, g.views, strict=True):
-                t = e.get()
+                t = local(e.get())
                 if t.shape != v.shape:
                     problems.append(f"{e.name}: shape {tuple(v.shape)} -> {tuple(t.shape)}")
                 elif t.dtype != g.live_dtype:
@@ -222,7 +237,7 @@ class Shadow:
         """Names of shadow tensors holding NaN or infinity."""
         return [
             name
-            for name, t in self.tensors.items()
+            for name, t in self.local_tensors.items()  # this rank's shards only
             if t.is_floating_point() and not bool(torch.isfinite(t).all())
         ]
 
@@ -235,6 +250,13 @@ class Shadow:
         for g in self.averaged + self.copied:
             for e, v in zip(g.entries, g.views, strict=True):
                 live = e.get()
+                if e.kind == "param" and is_dtensor(live):
+                    # FSDP2 all-gathers from its shard storage: copy into it, keep the live shard.
+                    shard = local(live)
+                    held.append((e, shard.clone()))
+                    shard.copy_(v)
+                    swapped.append(shard)
+                    continue
                 new = (
                     v
                     if (v.dtype == live.dtype and v.device == live.device)
@@ -257,7 +279,10 @@ class Shadow:
             if t._version != ver
         ]
         for e, old in record.held:
-            if e.kind == "param":
+            if e.kind == "param" and is_dtensor(live := e.get()):
+                with torch.no_grad():
+                    local(live).copy_(old)
+            elif e.kind == "param":
                 e.get().data = old
             else:
                 e.module._buffers[e.attr] = old
@@ -298,7 +323,10 @@ class Shadow:
             raise ValueError("EMA state does not match the model: " + "; ".join(bad))
         names = [n for n in self.tensors if n in state]
         with torch.no_grad():
-            F.copy_([self.tensors[n] for n in names], [state[n] for n in names])
+            F.copy_(
+                [self.local_tensors[n] for n in names],
+                [local(distribute_like(state[n], self.tensors[n])) for n in names],
+            )
 
     def numel(self) -> int:
         """Number of shadow elements."""
