@@ -5,11 +5,13 @@ dtype, shadow device) are views into *one* flat contiguous buffer. That gives
 the update a prebuilt tensor list per group (no Python work per tensor in the
 hot path beyond one list) and lets a future fast path run one kernel per group.
 
-Evaluation swaps the shadow in *by pointer*: ``param.data = shadow_view`` for
-parameters, ``module._buffers[name] = shadow_view`` for buffers. No copy is made
-when dtype and device agree. When they do not (an fp32 shadow of a bf16 model,
-or a shadow kept on another device), the swap materializes one cast copy per
-tensor, freed on restore.
+Evaluation swaps parameters in *by pointer*: ``param.data = shadow_view``. No
+copy is made when dtype and device agree. When they do not (an fp32 shadow of a
+bf16 model, or a shadow kept on another device), the swap materializes one cast
+copy per tensor, freed on restore. Buffers are always swapped in as copies
+(``module._buffers[name] = copy``): they are small, and some writes to them
+bypass version counters (DDP broadcasts rank 0's buffers at every forward), so
+the average itself must never be handed to the model.
 
 Sharded parameters (FSDP2 ``DTensor``) keep a sharded shadow: the flat buffer
 holds this rank's local shards only, and :attr:`Shadow.tensors` wraps each view
@@ -244,7 +246,7 @@ class Shadow:
     # -- swapping ----------------------------------------------------------
 
     def swap_in(self) -> SwapRecord:
-        """Put the shadow into the model (by pointer where dtype and device agree)."""
+        """Put the shadow into the model: parameters by pointer, buffers by copy."""
         held: list[tuple[Entry, Tensor]] = []
         swapped: list[Tensor] = []
         for g in self.averaged + self.copied:
@@ -257,10 +259,12 @@ class Shadow:
                     shard.copy_(v)
                     swapped.append(shard)
                     continue
+                # Parameters by pointer where dtype and device agree. Buffers always by
+                # copy: they are small, and writes that bypass version counters (DDP
+                # broadcasts rank 0's buffers at each forward) must not reach the average.
+                same = v.dtype == live.dtype and v.device == live.device
                 new = (
-                    v
-                    if (v.dtype == live.dtype and v.device == live.device)
-                    else v.to(live.device, live.dtype)
+                    v if (same and e.kind == "param") else v.to(live.device, live.dtype, copy=True)
                 )
                 if e.kind == "param":
                     held.append((e, live.data))
