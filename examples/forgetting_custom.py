@@ -23,11 +23,15 @@ def my_model(task: TaskPair, cfg: Config) -> nn.Module:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # tiny model: extra threads only add synchronization
     task = TaskPair(
         "blobs", a=blobs(0, layout=7), b=blobs(1, layout=8), num_features=10, num_classes=3
     )
     config = Config(seeds=(0, 1, 2), pretrain_epochs=5, finetune_epochs=5)
     results = run(
-        [task], config, make_methods=lambda: [EMAMethod(0.99), EMAMethod(0.9)], make_model=my_model
+        [task],
+        config,
+        make_methods=lambda spe, total: [EMAMethod(0.99), EMAMethod(0.9)],
+        make_model=my_model,
     )
     print_table(summarize(results))

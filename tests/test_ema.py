@@ -337,3 +337,15 @@ def test_model_changed_after_creation_detected() -> None:
     model.double()
     with pytest.raises(RuntimeError, match=r"0\.weight: dtype torch.float32 -> torch.float64"):
         ema.apply_shadow()
+
+
+def test_buffers_swap_as_copies() -> None:
+    """A write to a swapped-in buffer that bypasses version counters never reaches the average."""
+    model = mlp(batchnorm=True)
+    ema = EMA(model, 0.5)
+    _run(model, ema, 2)
+    before = ema.shadow["1.running_mean"].clone()
+    with ema.applied():
+        torch.testing.assert_close(model[1].running_mean, before)
+        model[1].running_mean.data.fill_(123.0)  # like a collective write: no version bump
+    assert torch.equal(ema.shadow["1.running_mean"], before)

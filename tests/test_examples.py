@@ -18,3 +18,30 @@ def test_example_runs(name: str) -> None:
         [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=240
     )
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["ddp_ema.py", "fsdp2_ema.py"])
+def test_torchrun_example_runs(name: str, tmp_path: Path) -> None:
+    """examples/`name` runs under torchrun with 2 CPU ranks as its first line documents."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(EXAMPLES / name),
+            "--steps",
+            "20",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "reloaded" in out.stdout

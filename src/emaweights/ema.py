@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from emaweights._naming import BufferPolicy, collect, unwrap
+from emaweights.distributed import reshard
 from emaweights.schedules import Schedule, as_schedule, schedule_from_dict
 from emaweights.shadow import Shadow, SwapRecord
 
@@ -271,6 +272,7 @@ class EMA:
             raise SwapError("restore() called but the averaged weights are not applied")
         record, self._swap = self._swap, None
         self._hook.remove()
+        reshard(self.model)  # FSDP2: drop full tensors gathered from the average
         modified = self._shadow.swap_out(record)
         if modified:
             raise SwapError(
@@ -295,6 +297,7 @@ class EMA:
 
     def _check_model(self) -> None:
         """Raise if tensors changed shape, dtype or device, or were added, since creation."""
+        reshard(self.model)  # FSDP2: an eval forward can leave full tensors in the modules
         self._shadow.check_live()
         now = {e.name for e in collect(self.model, **self._options)}  # type: ignore[arg-type]
         added = sorted(now - set(self._shadow.names()))

@@ -5,11 +5,19 @@ dtype, shadow device) are views into *one* flat contiguous buffer. That gives
 the update a prebuilt tensor list per group (no Python work per tensor in the
 hot path beyond one list) and lets a future fast path run one kernel per group.
 
-Evaluation swaps the shadow in *by pointer*: ``param.data = shadow_view`` for
-parameters, ``module._buffers[name] = shadow_view`` for buffers. No copy is made
-when dtype and device agree. When they do not (an fp32 shadow of a bf16 model,
-or a shadow kept on another device), the swap materializes one cast copy per
-tensor, freed on restore.
+Evaluation swaps parameters in *by pointer*: ``param.data = shadow_view``. No
+copy is made when dtype and device agree. When they do not (an fp32 shadow of a
+bf16 model, or a shadow kept on another device), the swap materializes one cast
+copy per tensor, freed on restore. Buffers are always swapped in as copies
+(``module._buffers[name] = copy``): they are small, and some writes to them
+bypass version counters (DDP broadcasts rank 0's buffers at every forward), so
+the average itself must never be handed to the model.
+
+Sharded parameters (FSDP2 ``DTensor``) keep a sharded shadow: the flat buffer
+holds this rank's local shards only, and :attr:`Shadow.tensors` wraps each view
+in a ``DTensor`` with the parameter's mesh and placements. Updates touch local
+shards only (no communication). Such parameters swap by *copy* into their local
+shard, since FSDP2 all-gathers from its own shard storage and ignores ``.data``.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from torch import Tensor
 
 from emaweights import functional as F
 from emaweights._naming import Entry
+from emaweights.distributed import distribute_like, is_dtensor, local, wrap_like
 
 __all__ = ["Shadow", "SwapRecord", "shadow_dtype_for"]
 
@@ -57,18 +66,21 @@ class _Group:
     )  # cached Parameter objects, stable under .to()
     buffers: list[Entry] = field(default_factory=list)  # buffers are re-read: .to() replaces them
     staging: list[Tensor] | None = None  # live copies on the shadow device (cross-device shadow)
+    sharded: bool = False  # some params are DTensors: read their local shard every time
 
     def live(self) -> list[Tensor]:
-        """The live tensors, in the order of ``views``."""
+        """The live tensors (local shards for DTensors), in the order of ``views``."""
+        # FSDP2 may replace a DTensor's local tensor (padding at lazy init): re-read it.
+        params = [local(p) for p in self.params] if self.sharded else self.params
         if not self.buffers:
-            return self.params
-        return self.params + [e.get() for e in self.buffers]
+            return params
+        return params + [e.get() for e in self.buffers]
 
 
 def _group_key(
     e: Entry, dtype: torch.dtype | None, device: torch.device | None
 ) -> tuple[object, ...]:
-    t = e.get()
+    t = local(e.get())
     sdt = shadow_dtype_for(t.dtype, dtype, e.kind != "copy_buffer")
     sdev = t.device if device is None else device
     return (t.dtype, t.device, sdt, sdev)
@@ -77,7 +89,7 @@ def _group_key(
 def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> _Group:
     # Parameters first, then buffers: the cached parameter list is a prefix.
     entries = [e for e in entries if e.kind == "param"] + [e for e in entries if e.kind != "param"]
-    live = [e.get() for e in entries]
+    live = [local(e.get()) for e in entries]
     flat = torch.empty(sum(t.numel() for t in live), dtype=sdt, device=sdev)
     views, offset = [], 0
     for t in live:
@@ -90,9 +102,10 @@ def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> 
         views=views,
         live_dtype=live[0].dtype,
         live_device=live[0].device,
-        params=list(live[:n_params]),
+        params=[e.get() for e in entries[:n_params]],
         buffers=entries[n_params:],
     )
+    group.sharded = any(is_dtensor(p) for p in group.params)
     if sdev != group.live_device:
         group.staging = [torch.empty_like(v, dtype=group.live_dtype) for v in views]
     F.copy_(views, live)
@@ -135,12 +148,16 @@ class Shadow:
         copied = [e for e in entries if e.kind == "copy_buffer"]
         self.averaged = self._build(averaged)
         self.copied = self._build(copied)
-        self.tensors: dict[str, Tensor] = {
+        self.local_tensors: dict[str, Tensor] = {
             e.name: v
             for g in self.averaged + self.copied
             for e, v in zip(g.entries, g.views, strict=True)
         }
         self.entries: dict[str, Entry] = {e.name: e for e in entries}
+        # Views of sharded parameters are wrapped as DTensors with their placements.
+        self.tensors: dict[str, Tensor] = {
+            n: wrap_like(v, self.entries[n].get()) for n, v in self.local_tensors.items()
+        }
 
     def _build(self, entries: Sequence[Entry]) -> list[_Group]:
         buckets: dict[tuple[object, ...], list[Entry]] = {}
@@ -195,14 +212,15 @@ class Shadow:
         problems = []
         for g in self.averaged + self.copied:
             for i, (e, v) in enumerate(zip(g.entries, g.views, strict=True)):
-                t = e.get()
+                p = e.get()
+                t = local(p)
                 if t.shape != v.shape:
                     problems.append(f"{e.name}: shape {tuple(v.shape)} -> {tuple(t.shape)}")
                 elif t.dtype != g.live_dtype:
                     problems.append(f"{e.name}: dtype {g.live_dtype} -> {t.dtype}")
                 elif t.device != g.live_device:
                     problems.append(f"{e.name}: device {g.live_device} -> {t.device}")
-                elif i < len(g.params) and t is not g.params[i]:
+                elif i < len(g.params) and p is not g.params[i]:
                     # e.g. load_state_dict(assign=True): the average would follow the old tensor
                     problems.append(f"{e.name}: the Parameter object was replaced")
         if problems:
@@ -218,10 +236,11 @@ class Shadow:
         this catches it at the next update; :meth:`check_live` lists the details.
         """
         for g in self.averaged + self.copied:
-            t = g.entries[0].get()  # re-read: some moves replace the Parameter object
+            p = g.entries[0].get()  # re-read: some moves replace the Parameter object
+            t = local(p)
             if t.dtype != g.live_dtype or t.device != g.live_device:
                 return True
-            if g.params and t is not g.params[0]:
+            if g.params and p is not g.params[0]:
                 return True
         return False
 
@@ -239,23 +258,32 @@ class Shadow:
         """Names of shadow tensors holding NaN or infinity."""
         return [
             name
-            for name, t in self.tensors.items()
+            for name, t in self.local_tensors.items()  # this rank's shards only
             if t.is_floating_point() and not bool(torch.isfinite(t).all())
         ]
 
     # -- swapping ----------------------------------------------------------
 
     def swap_in(self) -> SwapRecord:
-        """Put the shadow into the model (by pointer where dtype and device agree)."""
+        """Put the shadow into the model: parameters by pointer, buffers by copy."""
         held: list[tuple[Entry, Tensor]] = []
         swapped: list[Tensor] = []
         for g in self.averaged + self.copied:
             for e, v in zip(g.entries, g.views, strict=True):
                 live = e.get()
+                if e.kind == "param" and is_dtensor(live):
+                    # FSDP2 all-gathers from its shard storage: copy into it, keep the live shard.
+                    shard = local(live)
+                    held.append((e, shard.clone()))
+                    shard.copy_(v)
+                    swapped.append(shard)
+                    continue
+                # Parameters by pointer where dtype and device agree. Buffers always by
+                # copy: they are small, and writes that bypass version counters (DDP
+                # broadcasts rank 0's buffers at each forward) must not reach the average.
+                same = v.dtype == live.dtype and v.device == live.device
                 new = (
-                    v
-                    if (v.dtype == live.dtype and v.device == live.device)
-                    else v.to(live.device, live.dtype)
+                    v if (same and e.kind == "param") else v.to(live.device, live.dtype, copy=True)
                 )
                 if e.kind == "param":
                     held.append((e, live.data))
@@ -274,7 +302,10 @@ class Shadow:
             if t._version != ver
         ]
         for e, old in record.held:
-            if e.kind == "param":
+            if e.kind == "param" and is_dtensor(live := e.get()):
+                with torch.no_grad():
+                    local(live).copy_(old)
+            elif e.kind == "param":
                 e.get().data = old
             else:
                 e.module._buffers[e.attr] = old
@@ -321,7 +352,10 @@ class Shadow:
             raise ValueError("EMA state does not match the model: " + "; ".join(bad))
         names = [n for n in self.tensors if n in state]
         with torch.no_grad():
-            F.copy_([self.tensors[n] for n in names], [state[n] for n in names])
+            F.copy_(
+                [self.local_tensors[n] for n in names],
+                [local(distribute_like(state[n], self.tensors[n])) for n in names],
+            )
 
     def numel(self) -> int:
         """Number of shadow elements."""

@@ -35,6 +35,17 @@ def test_quick_run_writes_table_plot_json_csv(
         assert run["interpolation"][0]["a_test"] == run["pretrained"]["a_test"]
         # Oracle: an anchored EMA's w0 is beta^T.
         assert run["methods"]["ema β=0.99"]["w0"] == pytest.approx(0.99 ** run["steps"])
+    # Oracle: the summary is the mean over the per-seed runs written beside it.
+    for row in data["summary"]:
+        if row["name"] != "fine-tuned (final)":
+            continue
+        finals = [
+            r["interpolation"][-1]["a_test"] for r in data["runs"] if r["task"] == row["task"]
+        ]
+        assert row["a_mean"] == pytest.approx(sum(finals) / len(finals))
+    assert data["config"]["steps"] == {r["task"]: r["steps"] for r in data["runs"]}
+    csv_lines = (tmp_path / "summary.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + len(data["summary"])
 
 
 def test_reproducible() -> None:
@@ -50,7 +61,9 @@ def test_ema_with_decay_zero_equals_fine_tuned() -> None:
     """An EMA with β=0 tracks the live weights, so it lands on the fine-tuned point."""
     from emaweights.bench.methods import EMAMethod
 
-    r = run_one(digits_task("class_split"), TINY, seed=1, make_methods=lambda: [EMAMethod(0.0)])
+    r = run_one(
+        digits_task("class_split"), TINY, seed=1, make_methods=lambda spe, total: [EMAMethod(0.0)]
+    )
     assert r.methods["ema β=0.0"] == r.interpolation[-1][1]
 
 
@@ -60,5 +73,8 @@ def test_duplicate_method_names_refused() -> None:
 
     with pytest.raises(ValueError, match=r"ema β=0\.9"):
         run_one(
-            digits_task("inverted"), TINY, 0, make_methods=lambda: [EMAMethod(0.9), EMAMethod(0.9)]
+            digits_task("inverted"),
+            TINY,
+            0,
+            make_methods=lambda spe, total: [EMAMethod(0.9), EMAMethod(0.9)],
         )

@@ -60,3 +60,20 @@ def test_forgetting_and_mean_std() -> None:
     m, s = mean_std([1.0, 2.0, 3.0, math.nan])
     assert (m, s) == (pytest.approx(2.0), pytest.approx(1.0))
     assert all(math.isnan(v) for v in mean_std([math.nan]))
+
+
+def test_markdown_tables_format_rows() -> None:
+    """markdown_tables gives one table per task, a line per row, accuracies in %."""
+    from emaweights.bench.report import COLUMNS, Row, markdown_tables
+
+    keys = [k for _, k in COLUMNS]
+    stats = {k: (0.5, 0.25) for k in keys}
+    counts = {k: (3, 3) for k in keys}
+    counts["delta_a_interp"] = (2, 3)
+    rows = [Row("t1", "m1", "ema", stats, counts), Row("t2", "m2", "ema", stats, counts)]
+    text = markdown_tables(rows)
+    assert text.count("| method |") == 2
+    line = next(x for x in text.splitlines() if x.startswith("| m1 |"))
+    assert line == "| m1 | 0.500 ± 0.250 |" + " 50.0 ± 25.0 |" * 4 + " 50.0 ± 25.0 (2/3) |" + (
+        " 50.0 ± 25.0 |"
+    )

@@ -11,7 +11,7 @@ See ``examples/forgetting_custom.py``. Needs the ``bench`` extra.
 
 from emaweights.bench.methods import EMAMethod, Method, default_methods
 from emaweights.bench.metrics import curve_a_at, delta_a, forgetting, mean_std
-from emaweights.bench.report import Row, plot, print_table, save, summarize
+from emaweights.bench.report import Row, markdown_tables, plot, print_table, save, summarize
 from emaweights.bench.runner import Config, Evaluation, RunResult, run, run_one
 from emaweights.bench.tasks import SHIFTS, Split, TaskPair, digits_task, digits_tasks
 
@@ -31,6 +31,7 @@ __all__ = [
     "digits_task",
     "digits_tasks",
     "forgetting",
+    "markdown_tables",
     "mean_std",
     "plot",
     "print_table",

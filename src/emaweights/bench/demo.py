@@ -49,7 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return the exit code."""
     args = _parser().parse_args(argv)
     cfg, shifts = config_for(args)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads cost more than they give
+    try:
+        return _run(args, cfg, shifts)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests)
+
+
+def _run(args: argparse.Namespace, cfg: Config, shifts: tuple[str, ...]) -> int:
     tasks = digits_tasks(shifts)
     total = len(tasks) * len(cfg.seeds)
     start = time.perf_counter()
@@ -69,17 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.close()
     rows = summarize(results)
     print_table(rows)
-    config = {**dataclasses.asdict(cfg), "shifts": list(shifts), "steps": results[0].steps}
+    steps = {r.task: r.steps for r in results}  # T: fine-tuning steps per task
+    config = {**dataclasses.asdict(cfg), "shifts": list(shifts), "steps": steps}
     save(results, rows, args.out, config)
     written = [args.out / "results.json", args.out / "summary.csv"]
     if not args.no_plot:
         plot(results, rows, args.out / "tradeoff.png")
         written.append(args.out / "tradeoff.png")
     elapsed = time.perf_counter() - start
+    per_task = ", ".join(f"{t} {n}" for t, n in steps.items())
     print(
-        f"{total} runs ({len(shifts)} shifts x {len(cfg.seeds)} seeds, "
-        f"{results[0].steps} fine-tuning steps each) in {elapsed:.1f} s; wrote "
-        + ", ".join(str(p) for p in written)
+        f"{total} runs ({len(shifts)} shifts x {len(cfg.seeds)} seeds; fine-tuning steps T: "
+        f"{per_task}) in {elapsed:.1f} s; wrote " + ", ".join(str(p) for p in written)
     )
     return 0
 

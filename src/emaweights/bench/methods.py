@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from emaweights.ema import EMA, Anchor
 from emaweights.schedules import Warmup
 
-__all__ = ["EMAMethod", "Method", "default_methods"]
+__all__ = ["DECAYS", "EMAMethod", "Method", "default_methods"]
 
 
 @runtime_checkable
@@ -107,13 +107,33 @@ class EMAMethod:
         return self._ema
 
 
-def default_methods(decays: tuple[float, ...] = (0.9, 0.99, 0.995, 0.998, 0.999)) -> list[Method]:
-    """The EMA family the demo compares: anchored and debiased at each decay, plus warm-up."""
-    methods: list[Method] = []
-    for d in decays:
-        methods.append(EMAMethod(d))
-    for d in decays:
-        methods.append(EMAMethod(d, anchor="debiased"))
+DECAYS = (0.9, 0.99, 0.995, 0.998, 0.999, 0.9995)
+
+
+def default_methods(
+    steps_per_epoch: int, total_steps: int, decays: tuple[float, ...] = DECAYS
+) -> list[Method]:
+    r"""The methods the demo compares, for a fine-tuning run of ``total_steps`` steps.
+
+    Anchored and debiased EMAs at each decay, plus a warm-up EMA at the largest.
+    The default decays put :math:`w_0 = \beta^T` between about 0 and 0.84 at
+    :math:`T = 340`. Other method families are appended to this one list.
+
+    Args:
+        steps_per_epoch: optimizer steps per fine-tuning epoch.
+        total_steps: optimizer steps of the whole fine-tuning run.
+        decays: the constant decays.
+
+    Raises:
+        ValueError: a step count is below 1.
+    """
+    if steps_per_epoch < 1 or total_steps < 1:
+        raise ValueError(
+            f"step counts must be >= 1, got steps_per_epoch={steps_per_epoch}, "
+            f"total_steps={total_steps}"
+        )
+    methods: list[Method] = [EMAMethod(d) for d in decays]
+    methods += [EMAMethod(d, anchor="debiased") for d in decays]
     methods.append(EMAMethod(max(decays), warmup=True))
     return methods
 

@@ -20,7 +20,7 @@ from typing import Any
 from emaweights.bench.metrics import delta_a, forgetting, mean_std
 from emaweights.bench.runner import Evaluation, RunResult
 
-__all__ = ["Row", "plot", "print_table", "save", "summarize"]
+__all__ = ["Row", "markdown_tables", "plot", "print_table", "save", "summarize"]
 
 METRICS = ("a", "b", "forgetting", "average", "delta_a_interp", "delta_a_early_stop", "w0")
 
@@ -148,6 +148,37 @@ def print_table(rows: Sequence[Row], print_fn: Callable[[Any], None] | None = No
                 _fmt(s["delta_a_early_stop"], count=r.counts["delta_a_early_stop"]),
             )
         out(table)
+
+
+COLUMNS = (
+    ("w0 = β^T", "w0"),
+    ("old A", "a"),
+    ("new B", "b"),
+    ("forgetting", "forgetting"),
+    ("avg", "average"),
+    ("ΔA vs interpolation", "delta_a_interp"),
+    ("ΔA vs early-stop path", "delta_a_early_stop"),
+)
+
+
+def markdown_tables(rows: Sequence[Row]) -> str:
+    """The summary as one Markdown table per task (accuracies in %), e.g. for a report."""
+    parts = []
+    for task in dict.fromkeys(r.task for r in rows):
+        lines = [
+            f"**{task}**",
+            "",
+            "| method | " + " | ".join(h for h, _ in COLUMNS) + " |",
+            "|---" * (len(COLUMNS) + 1) + "|",
+        ]
+        for r in (r for r in rows if r.task == task):
+            cells = [
+                _fmt(r.stats[k], 1.0, 3) if k == "w0" else _fmt(r.stats[k], count=r.counts[k])
+                for _, k in COLUMNS
+            ]
+            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
 
 
 def _print_plain(rows: Sequence[Row]) -> None:  # pragma: no cover - fallback

@@ -9,6 +9,8 @@ the same batch order.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,7 +22,7 @@ from emaweights.bench.methods import Method, default_methods, state_of
 from emaweights.bench.tasks import Split, TaskPair
 from emaweights.interpolate import interpolate
 
-__all__ = ["Config", "Evaluation", "RunResult", "mlp", "run", "run_one"]
+__all__ = ["Adam", "Config", "Evaluation", "RunResult", "mlp", "pretrain", "run", "run_one"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,65 @@ def mlp(num_features: int, num_classes: int, hidden: int = 64) -> nn.Module:
     )
 
 
+class Adam:
+    r"""Adam (Kingma & Ba, 2015) over a parameter list, with multi-tensor kernels.
+
+    .. math::
+
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
+        \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}
+            \frac{m_t}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
+
+    The same arithmetic as ``torch.optim.Adam`` (no weight decay, no amsgrad).
+    It lives here because the first ``torch.optim`` step imports the compiler
+    stack, which costs seconds: more than a whole ``--quick`` run. Parameters
+    without a gradient are skipped, as ``torch.optim`` does.
+
+    Raises:
+        ValueError: ``lr`` is not positive.
+    """
+
+    def __init__(
+        self,
+        params: Iterator[nn.Parameter] | Sequence[nn.Parameter],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = [0 for _ in self.params]  # per tensor: a tensor may miss a step
+
+    def zero_grad(self) -> None:
+        """Drop the gradients (set them to ``None``)."""
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One Adam step on every parameter that has a gradient."""
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
+        b1, b2 = self.betas
+        params = [self.params[i] for i in live]
+        grads = [g for g in (p.grad for p in params) if g is not None]
+        m, v = [self.m[i] for i in live], [self.v[i] for i in live]
+        torch._foreach_lerp_(m, grads, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        for i, p, mi, vi in zip(live, params, m, v, strict=True):
+            self.t[i] += 1
+            t = self.t[i]
+            denom = (vi.sqrt() / math.sqrt(1 - b2**t)).add_(self.eps)
+            p.addcdiv_(mi, denom, value=-self.lr / (1 - b1**t))
+
+
 def _batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[Tensor]:
     perm = torch.randperm(n, generator=g)
     yield from torch.split(perm, batch_size)
@@ -155,10 +216,10 @@ def evaluate(
 
 
 def _pretrain(model: nn.Module, split: Split, cfg: Config, g: torch.Generator) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
+    opt = Adam(list(model.parameters()), lr=cfg.pretrain_lr)
     for _ in range(cfg.pretrain_epochs):
         for idx in _batches(len(split.y_train), cfg.batch_size, g):
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss = nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
             torch.autograd.backward(loss)
             opt.step()
@@ -174,13 +235,14 @@ def _finetune(
 ) -> int:
     """Fine-tune on B with a batch order fixed by ``seed``; drive ``methods``; return steps."""
     g = torch.Generator().manual_seed(10_000 + seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.finetune_lr)
+    torch.manual_seed(20_000 + seed)  # dropout etc.: independent of what ran before
+    opt = Adam(list(model.parameters()), lr=cfg.finetune_lr)
     for m in methods:
         m.start(model)
     step = 0
     for epoch in range(1, cfg.finetune_epochs + 1):
         for idx in _batches(len(split.y_train), cfg.batch_size, g):
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss = nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
             for m in methods:
                 extra = m.penalty(model)
@@ -199,7 +261,8 @@ def _finetune(
 
 
 ModelFactory = Callable[[TaskPair, Config], nn.Module]
-MethodFactory = Callable[[], Sequence[Method]]
+MethodFactory = Callable[[int, int], Sequence[Method]]
+"""Builds fresh methods from ``(steps_per_epoch, total_steps)`` of the fine-tuning run."""
 
 
 def _default_model(task: TaskPair, cfg: Config) -> nn.Module:
@@ -216,18 +279,39 @@ def pretrain(
     return model
 
 
+def finetune_steps(task: TaskPair, cfg: Config) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)`` of fine-tuning on ``task.b`` under ``cfg``."""
+    per_epoch = math.ceil(len(task.b.y_train) / cfg.batch_size)
+    return per_epoch, per_epoch * cfg.finetune_epochs
+
+
 def run_one(
     task: TaskPair,
     cfg: Config,
     seed: int,
     make_methods: MethodFactory = default_methods,
     make_model: ModelFactory = _default_model,
+    theta0: dict[str, Tensor] | None = None,
 ) -> RunResult:
-    """Pre-train on A, fine-tune on B, and evaluate every method, for one seed."""
-    model = pretrain(task, cfg, seed, make_model)
-    theta0 = state_of(model)
+    """Pre-train on A, fine-tune on B, and evaluate every method, for one seed.
+
+    Args:
+        task: the task pair.
+        cfg: the training set-up.
+        seed: seeds the model's initialization, the pre-training and the batch order.
+        make_methods: builds the methods from ``(steps_per_epoch, total_steps)``.
+        make_model: builds the (untrained) model.
+        theta0: pre-trained weights to start from instead of pre-training
+            (they must be what :func:`pretrain` gives for this task A and seed).
+    """
+    if theta0 is None:
+        model = pretrain(task, cfg, seed, make_model)
+        theta0 = state_of(model)
+    else:
+        model = make_model(task, cfg)
+        model.load_state_dict(theta0)
     pre = evaluate(model, task)
-    methods = list(make_methods())
+    methods = list(make_methods(*finetune_steps(task, cfg)))
     _check_names(methods)
     riders = [m for m in methods if not m.changes_training]
     trajectory: list[tuple[int, Evaluation]] = [(0, pre)]
@@ -273,6 +357,15 @@ def _check_names(methods: Sequence[Method]) -> None:
         raise ValueError(f"method names must be unique; repeated: {dup}")
 
 
+def _fingerprint(split: Split) -> str:
+    """A digest of a training set: equal digests mean equal pre-training data."""
+    h = hashlib.sha256()
+    for t in (split.x_train, split.y_train):
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def run(
     tasks: Sequence[TaskPair],
     cfg: Config = Config(),
@@ -280,11 +373,20 @@ def run(
     make_model: ModelFactory = _default_model,
     progress: Callable[[str], None] | None = None,
 ) -> list[RunResult]:
-    """Run every (task, seed) pair; ``progress`` is called after each with a label."""
+    """Run every (task, seed) pair; ``progress`` is called after each with a label.
+
+    Tasks with the same old-task training data (the pixel shifts of
+    ``load_digits`` all share task A) share the pre-trained model of a seed:
+    pre-training is deterministic for the seed, so this only saves time.
+    """
     results = []
+    pretrained: dict[tuple[str, int, int, int], dict[str, Tensor]] = {}
     for task in tasks:
         for seed in cfg.seeds:
-            results.append(run_one(task, cfg, seed, make_methods, make_model))
+            key = (_fingerprint(task.a), task.num_features, task.num_classes, seed)
+            if key not in pretrained:
+                pretrained[key] = state_of(pretrain(task, cfg, seed, make_model))
+            results.append(run_one(task, cfg, seed, make_methods, make_model, pretrained[key]))
             if progress is not None:
                 progress(f"{task.name} seed {seed}")
     return results

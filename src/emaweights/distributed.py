@@ -1,0 +1,255 @@
+r"""DDP and FSDP2: sharded shadows, distributed checkpoints, consolidated files.
+
+Under ``DistributedDataParallel`` every rank holds the full model and the same
+weights after each step, so an :class:`~emaweights.ema.EMA` on each rank stays
+identical with no communication; names are canonical (``module.`` dropped), so
+its state loads into an EMA of the bare model and back.
+
+Under FSDP2 (``fully_shard``) the parameters are ``DTensor`` shards. The EMA
+keeps a ``DTensor`` shadow with each parameter's mesh and placements: each rank
+stores and updates only its local shards,
+
+.. math::
+    \bar\theta^{(r)}_t = \beta_t\,\bar\theta^{(r)}_{t-1} + (1-\beta_t)\,\theta^{(r)}_t ,
+
+where :math:`\theta^{(r)}` is rank :math:`r`'s shard. The update is elementwise,
+so the shards of the average are the average of the shards: no communication
+per step, and shadow memory per rank is the full size over the world size.
+
+Checkpoints: :func:`save_dcp` / :func:`load_dcp` use
+``torch.distributed.checkpoint`` (save on N ranks, load on M);
+:func:`save_consolidated` / :func:`load_consolidated` write one full
+safetensors file on rank 0 and read it on every rank.
+
+This module imports only torch; ``torch.distributed`` pieces are imported when
+first needed (never on the single-process path), so a build of torch without
+distributed support still imports :mod:`emaweights`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from emaweights.ema import EMA
+    from emaweights.io import PathLike
+
+__all__ = [
+    "average_buffers_",
+    "distribute_like",
+    "full_shadow",
+    "is_dtensor",
+    "load_consolidated",
+    "load_dcp",
+    "local",
+    "reshard",
+    "save_consolidated",
+    "save_dcp",
+    "shadow_nbytes",
+    "wrap_like",
+]
+
+_STATE_KEY = "emaweights.state"  # safetensors metadata key holding the non-tensor EMA state
+
+
+def _dtensor_type() -> type | None:
+    # A DTensor exists only once its module is imported; looking it up instead of
+    # importing it spares single-process users the import (seconds) on every EMA made.
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None)
+    return cls if isinstance(cls, type) else None
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's local shard of a ``DTensor``; any other tensor unchanged (no copy)."""
+    if is_dtensor(t):
+        with torch.no_grad():  # to_local() without grad is the stored local tensor itself
+            return t.to_local()  # type: ignore[attr-defined, no-any-return]
+    return t
+
+
+def wrap_like(view: Tensor, like: Tensor) -> Tensor:
+    """Wrap a local tensor as a ``DTensor`` with ``like``'s mesh, placements and shape.
+
+    The result shares memory with ``view``. A plain ``like`` returns ``view``.
+    """
+    if not is_dtensor(like):
+        return view
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        view,
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+
+
+def distribute_like(src: Tensor, like: Tensor) -> Tensor:
+    """Give ``src`` the layout of ``like``, communicating only when both are DTensors.
+
+    A full (plain) ``src`` for a DTensor ``like`` is cut locally: every rank
+    must hold the same full tensor (as after reading one file on every rank).
+    A DTensor ``src`` for a plain ``like`` is gathered (a collective).
+    """
+    if is_dtensor(like) and not is_dtensor(src):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(
+            src.to(local(like).device),
+            like.device_mesh,  # type: ignore[attr-defined]
+            like.placements,  # type: ignore[attr-defined]
+            src_data_rank=None,  # each rank cuts its shard from its own full copy
+        )
+    if is_dtensor(like) and is_dtensor(src):
+        return src.redistribute(like.device_mesh, like.placements)  # type: ignore[attr-defined, no-any-return]
+    if is_dtensor(src):
+        return src.full_tensor()  # type: ignore[attr-defined, no-any-return]
+    return src
+
+
+def reshard(model: nn.Module) -> None:
+    """Reshard every FSDP2 module of ``model`` (a no-op without a process group).
+
+    After an evaluation forward FSDP2 may keep the root's parameters unsharded
+    (it skips resharding the root, expecting a backward); until resharded, the
+    module holds full tensors and a later forward reuses them without a new
+    all-gather. The EMA calls this before swapping in and out.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def shadow_nbytes(ema: EMA) -> int:
+    """Bytes of shadow storage on this rank (a shard of the full size under FSDP2)."""
+    return ema._shadow.nbytes()
+
+
+def full_shadow(ema: EMA) -> dict[str, Tensor]:
+    """The full (gathered) shadow tensors on every rank; a collective under FSDP2.
+
+    Every rank must call it. Plain tensors are returned as they are (views).
+    """
+    return {name: distribute_like(t, local(t)) for name, t in ema.shadow.items()}
+
+
+def average_buffers_(ema: EMA, group: Any = None) -> None:
+    """All-reduce the averaged floating buffers of the shadow to their mean over ranks.
+
+    Under DDP each rank's BatchNorm running statistics follow its own data
+    between the buffer broadcasts at each forward, so the averaged buffers of
+    the EMA drift apart across ranks. Call this (on every rank) before
+    evaluating or saving to make them identical: the mean over ranks of each
+    rank's average. Parameters are untouched.
+
+    Args:
+        ema: the averager.
+        group: the process group (default: the world).
+
+    """
+    import torch.distributed as dist
+
+    buffers = [
+        ema._shadow.local_tensors[e.name]
+        for e in ema._shadow.entries.values()
+        if e.kind == "avg_buffer" and not is_dtensor(e.get())
+    ]
+    world = dist.get_world_size(group)
+    with torch.no_grad():
+        for b in buffers:
+            dist.all_reduce(b, op=dist.ReduceOp.SUM, group=group)
+            b.div_(world)
+
+
+# -- checkpoints ---------------------------------------------------------------
+
+
+def save_dcp(ema: EMA, path: PathLike) -> None:
+    """Save the EMA's state with ``torch.distributed.checkpoint`` (every rank calls).
+
+    Each rank writes its own shards; the checkpoint loads on any number of
+    ranks with :func:`load_dcp`.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"ema": ema.state_dict()}, checkpoint_id=str(path))  # type: ignore[attr-defined]
+
+
+def load_dcp(ema: EMA, path: PathLike) -> None:
+    """Load a checkpoint written by :func:`save_dcp`, resharding to this EMA's layout.
+
+    Every rank calls it; the world size may differ from the one that saved.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    # DCP loads in place into the tensors of a state dict of the right layout;
+    # a copy of the shadow dict receives them, then the EMA validates and loads.
+    current = ema.state_dict()
+    target = {**current, "shadow": {k: v.clone() for k, v in current["shadow"].items()}}
+    holder = {"ema": target}
+    dcp.load(holder, checkpoint_id=str(path))  # type: ignore[attr-defined]
+    ema.load_state_dict(holder["ema"])
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def save_consolidated(ema: EMA, path: PathLike, rank: int = 0) -> None:
+    """Write the whole EMA state to one safetensors file on ``rank`` (every rank calls).
+
+    The shadow is gathered to full tensors (a collective under FSDP2); the
+    counters and configuration go into the file's metadata as JSON. The file
+    loads into an EMA on any number of ranks, or in a single process.
+    """
+    from emaweights.io import save_safetensors
+
+    state = ema.state_dict()
+    tensors = full_shadow(ema)
+    if _rank() != rank:
+        return
+    rest = {k: v for k, v in state.items() if k != "shadow"}
+    save_safetensors(tensors, path, metadata={"format": "pt", _STATE_KEY: json.dumps(rest)})
+
+
+def load_consolidated(ema: EMA, path: PathLike, strict: bool = True) -> None:
+    """Load a file written by :func:`save_consolidated` on this rank.
+
+    Every rank reads the file (it must be visible to all) and keeps only its
+    shards, without communication.
+
+    Raises:
+        emaweights.io.LoadError: not a safetensors file written by
+            :func:`save_consolidated`.
+
+    """
+    from emaweights.io import LoadError, load_safetensors
+
+    tensors = load_safetensors(path)  # raises with the extra to install if safetensors is absent
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta: Mapping[str, str] = f.metadata() or {}
+    if _STATE_KEY not in meta:
+        raise LoadError(f"{str(path)!r} has no {_STATE_KEY!r} metadata: not an EMA file")
+    ema.load_state_dict({**json.loads(meta[_STATE_KEY]), "shadow": tensors}, strict=strict)

@@ -1,0 +1,65 @@
+"""The benchmark runner: its Adam, shared pre-training, method factory arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from emaweights.bench.methods import EMAMethod, Method, default_methods
+from emaweights.bench.runner import Adam, Config, finetune_steps, run, run_one
+from emaweights.bench.tasks import digits_task
+
+TINY = Config(seeds=(0,), pretrain_epochs=2, finetune_epochs=2)
+
+
+def test_adam_matches_torch_optim() -> None:
+    """The runner's Adam gives torch.optim.Adam's weights, step by step."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    ours = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    ours.load_state_dict(ref.state_dict())
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2, foreach=False)
+    opt = Adam(list(ours.parameters()), lr=1e-2)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    for _ in range(25):
+        for model, o in ((ref, opt_ref), (ours, opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+    for a, b in zip(ref.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_refuses_bad_lr() -> None:
+    """A non-positive learning rate is refused, naming the value."""
+    with pytest.raises(ValueError, match=r"-0\.1"):
+        Adam([nn.Parameter(torch.zeros(2))], lr=-0.1)
+
+
+def test_shared_pretraining_equals_separate_runs() -> None:
+    """run() reuses the pre-trained model across shifts with the same task A; same numbers."""
+    shared = run([digits_task("permuted"), digits_task("rotated")], TINY)
+    alone = run_one(digits_task("rotated"), TINY, seed=0)
+    assert shared[1].to_dict() == alone.to_dict()
+
+
+def test_methods_get_the_run_step_counts() -> None:
+    """The method factory receives (steps per epoch, total steps) of the fine-tuning run."""
+    task = digits_task("class_split")
+    seen: list[tuple[int, int]] = []
+
+    def make(per_epoch: int, total: int) -> list[Method]:
+        seen.append((per_epoch, total))
+        return [EMAMethod(0.9)]
+
+    r = run_one(task, TINY, 0, make_methods=make)
+    per_epoch = -(-len(task.b.y_train) // TINY.batch_size)  # ceil
+    assert seen == [(per_epoch, 2 * per_epoch)] == [finetune_steps(task, TINY)]
+    assert r.steps == 2 * per_epoch
+
+
+def test_default_methods_refuse_zero_steps() -> None:
+    """default_methods refuses a step count of zero, naming it."""
+    with pytest.raises(ValueError, match="total_steps=0"):
+        default_methods(1, 0)
