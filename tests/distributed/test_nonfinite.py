@@ -1,0 +1,37 @@
+"""Non-finite values seen by one rank of a sharded EMA: every rank takes the same decision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tests.distributed import _nonfinite_workers
+from tests.distributed._harness import launch
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed"),
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """FSDP2 at 2 ranks, NaN in rank 0's shard only."""
+    return launch(_nonfinite_workers.one_rank_nan, 2, tmp_path_factory.mktemp("nan"))
+
+
+def test_skip_is_decided_by_all_ranks(run: list[dict[str, Any]]) -> None:
+    """nonfinite='skip' skips the update on every rank, not only where the NaN is."""
+    assert [r["skipped"] for r in run] == [1, 1]
+
+
+def test_swap_of_a_nonfinite_shard_is_refused_on_every_rank(run: list[dict[str, Any]]) -> None:
+    """A NaN in one rank's shadow shard makes applied() raise on every rank (no rank hangs)."""
+    assert [r["swap_refused"] for r in run] == [True, True]
+
+
+def test_torch_save_of_a_sharded_state_is_refused(run: list[dict[str, Any]]) -> None:
+    """io.save_state refuses a DTensor state, of which torch.save would keep one shard."""
+    assert [r["torch_save_refused"] for r in run] == [True, True]
