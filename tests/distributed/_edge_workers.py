@@ -1,4 +1,4 @@
-"""Ranks that see NaN in one shard only (importable by forked processes)."""
+"""FSDP2 edge cases: NaN in one shard only; an EMA made after an eval forward (forkable)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,26 @@ def one_rank_nan(rank: int, world: int, folder: Path) -> dict[str, Any]:
     except RuntimeError:  # what torch.save itself may raise on a DTensor: not a clear refusal
         out["torch_save_refused"] = False
     return out
+
+
+def after_eval_forward(rank: int, world: int, folder: Path) -> dict[str, Any]:
+    """An eval forward leaves the root unsharded: EMA creation and copy_to must still shard."""
+    model = sharded(small())
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(x)  # the root keeps its gathered, full parameters
+    ema = EMA(model, DECAY)
+    sharded_shadow = all(type(t).__name__ == "DTensor" for t in ema.shadow.values())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        opt.step()
+        ema.update()
+    with torch.no_grad():
+        with ema.applied():
+            averaged = model(x)
+        model(x)  # the root is unsharded again, holding the live weights
+        ema.copy_to()
+        copied = model(x)
+    return {"sharded_shadow": sharded_shadow, "copy_to_used": torch.equal(copied, averaged)}
