@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from emaweights.io import PathLike
 
 __all__ = [
+    "any_across_ranks",
     "average_buffers_",
     "distribute_like",
     "full_shadow",
@@ -120,6 +121,22 @@ def distribute_like(src: Tensor, like: Tensor) -> Tensor:
     if is_dtensor(src):
         return src.full_tensor()  # type: ignore[attr-defined, no-any-return]
     return src
+
+
+def any_across_ranks(flags: Tensor, like: Tensor) -> Tensor:
+    """Element-wise OR of the boolean ``flags`` over the ranks of ``like``'s mesh (a collective).
+
+    A sharded EMA sees NaN or infinity only in its own shard; every rank must
+    still take the same decision (skip an update, refuse a swap), or the ranks
+    diverge, or some enter a collective forward the others never reach.
+    """
+    import torch.distributed as dist
+
+    mesh = like.device_mesh  # type: ignore[attr-defined]
+    group = mesh.get_group() if mesh.ndim == 1 else None
+    as_int = flags.to(device=local(like).device, dtype=torch.int32)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MAX, group=group)
+    return as_int.cpu().bool()
 
 
 def reshard(model: nn.Module) -> None:

@@ -154,6 +154,7 @@ class EMA:
         does right after construction) restarts the average and its counters.
         """
         self._refuse_while_applied("register")
+        reshard(self.model)  # FSDP2: after an eval forward the root holds full, unsharded tensors
         entries = collect(self.model, **self._options)  # type: ignore[arg-type]
         if not entries:
             raise ValueError(
@@ -353,6 +354,7 @@ class EMA:
         self._refuse_while_applied("copy_to")
         self._check_finite("copy_to")
         if model is None or unwrap(model) is unwrap(self.model):
+            reshard(self.model)  # FSDP2: else the next forward reuses gathered live tensors
             self._shadow.copy_to_live_()
             return
         _load_into(model, self.averaged_state_dict())

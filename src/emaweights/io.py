@@ -82,9 +82,33 @@ def atomic_write(path: PathLike) -> Iterator[IO[bytes]]:
 
 
 def save_state(state: Mapping[str, Any], path: PathLike) -> None:
-    """Save a state dict (e.g. ``EMA.state_dict()``) atomically with ``torch.save``."""
+    """Save a state dict (e.g. ``EMA.state_dict()``) atomically with ``torch.save``.
+
+    Raises:
+        ValueError: the state holds ``DTensor`` shards (an FSDP2 EMA), of which
+            ``torch.save`` would keep only this rank's shard; use
+            :func:`emaweights.distributed.save_dcp` or ``save_consolidated``.
+    """
+    sharded = _dtensor_names(state)
+    if sharded:
+        raise ValueError(
+            f"state holds DTensor shards ({sharded[:3]}): torch.save would keep only this "
+            "rank's shard; use emaweights.distributed.save_dcp or save_consolidated"
+        )
     with atomic_write(path) as f:
         torch.save(dict(state), f)
+
+
+def _dtensor_names(state: Mapping[str, Any], prefix: str = "") -> list[str]:
+    from emaweights.distributed import is_dtensor
+
+    out = []
+    for k, v in state.items():
+        if isinstance(v, Mapping):
+            out += _dtensor_names(v, f"{prefix}{k}.")
+        elif is_dtensor(v):
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def load_state(path: PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from emaweights import functional as F
 from emaweights._naming import Entry
-from emaweights.distributed import distribute_like, is_dtensor, local, wrap_like
+from emaweights.distributed import any_across_ranks, distribute_like, is_dtensor, local, wrap_like
 
 __all__ = ["Shadow", "SwapRecord", "shadow_dtype_for"]
 
@@ -250,17 +250,32 @@ class Shadow:
         for g in self.averaged:
             if g.live_dtype.is_floating_point:
                 norms.extend(torch._foreach_norm(g.live()))
-        if not norms:
-            return True
-        return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+        finite = (
+            bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+            if norms
+            else True
+        )
+        like = self._a_sharded_param()
+        if like is not None:  # one decision for all ranks, though each sees only its shard
+            return not bool(any_across_ranks(torch.tensor([not finite]), like))
+        return finite
 
     def nonfinite_names(self) -> list[str]:
-        """Names of shadow tensors holding NaN or infinity."""
-        return [
-            name
-            for name, t in self.local_tensors.items()  # this rank's shards only
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())
-        ]
+        """Names of shadow tensors holding NaN or infinity (in any rank's shard, if sharded)."""
+        names = [n for n, t in self.local_tensors.items() if t.is_floating_point()]
+        bad = torch.tensor([not bool(torch.isfinite(self.local_tensors[n]).all()) for n in names])
+        like = self._a_sharded_param()
+        if like is not None:  # a collective: a rank that alone raised would leave others hanging
+            bad = any_across_ranks(bad, like)
+        return [n for n, b in zip(names, bad.tolist(), strict=True) if b]
+
+    def _a_sharded_param(self) -> Tensor | None:
+        """A live DTensor parameter (its mesh carries the cross-rank checks), if any."""
+        for g in self.averaged + self.copied:
+            for p in g.params:
+                if is_dtensor(p):
+                    return p
+        return None
 
     # -- swapping ----------------------------------------------------------
 
