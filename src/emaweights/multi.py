@@ -1,0 +1,169 @@
+r"""Several EMAs of one model, updated in one pass.
+
+Nobody knows the right decay before training. :class:`MultiEMA` keeps one
+average per decay :math:`\beta^{(i)}`,
+
+.. math::
+    \bar\theta^{(i)}_t = \beta^{(i)}_t\,\bar\theta^{(i)}_{t-1} + (1 - \beta^{(i)}_t)\,\theta_t ,
+    \qquad i = 1, \dots, n ,
+
+and updates all of them with one multi-tensor kernel per shadow group. The
+kernel's tensor list is ordered tensor-major (``p, p, ..., q, q, ...``): the
+``n`` updates that read a live tensor run back to back, so each live tensor is
+read from memory once per update and then from cache. The Python bookkeeping
+(step counting, schedules, checks) is done once per update, not ``n`` times.
+
+Each average is a full :class:`~emaweights.EMA` (``multi[i]``): any of them can
+be swapped in for evaluation (``multi.applied(i)``), exported
+(``multi.averaged_state_dict(i)``) or saved; the per-decay logic (schedules,
+``anchor``, ``update_every``, ``start_step``) is the EMA's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from emaweights import functional as F
+from emaweights.ema import EMA
+from emaweights.schedules import Schedule
+
+__all__ = ["MultiEMA"]
+
+_FORMAT = "emaweights.MultiEMA"
+
+
+class MultiEMA:
+    r"""Keep one EMA per decay, updated together.
+
+    Args:
+        model: the model (bare or wrapped).
+        decays: the decays (numbers or :class:`~emaweights.schedules.Schedule`),
+            at least one.
+        **options: the keyword options of :class:`~emaweights.EMA`
+            (``update_every``, ``start_step``, ``anchor``, ``dtype``, ``device``,
+            ``include_frozen``, ``exclude``, ``buffers``, ``foreach``,
+            ``nonfinite``), shared by every decay.
+
+    Raises:
+        ValueError: ``decays`` is empty, or an option is out of range.
+
+    """
+
+    def __init__(
+        self, model: nn.Module, decays: Sequence[float | Schedule], **options: Any
+    ) -> None:
+        if isinstance(decays, (str, bytes)) or not isinstance(decays, Sequence) or not decays:
+            raise ValueError(f"decays must be a non-empty sequence, got {decays!r}")
+        self.model = model
+        self.emas = [EMA(model, d, **options) for d in decays]
+        self._foreach = options.get("foreach")
+
+    def __len__(self) -> int:
+        return len(self.emas)
+
+    def __getitem__(self, index: int) -> EMA:
+        """The EMA of the ``index``-th decay."""
+        return self.emas[index]
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps seen."""
+        return self.emas[0].step
+
+    @property
+    def init_weights(self) -> list[float]:
+        r"""Weight on the starting weights, :math:`P^{(i)}_T`, per decay."""
+        return [e.init_weight for e in self.emas]
+
+    @torch.no_grad()
+    def update(self, step: int | None = None) -> None:
+        """Fold the current weights into every average; call after ``optimizer.step()``.
+
+        Args:
+            step: the optimizer step just taken (see :meth:`EMA.update`).
+
+        """
+        # Every EMA has the same step counters and checks, so they agree on
+        # whether this step averages; the first decides, the others follow.
+        due = [e._due(step) for e in self.emas]
+        if not due[0]:
+            return
+        weights = [e._weight() for e in self.emas]
+        groups = zip(*(e._shadow.averaged for e in self.emas), strict=True)
+        first = self.emas[0]._shadow
+        for gs in groups:
+            live = first._live_on_shadow_device(gs[0])
+            targets: list[Tensor] = []
+            sources: list[Tensor] = []
+            scalars: list[float] = []
+            for j, src in enumerate(live):
+                for g, w in zip(gs, weights, strict=True):
+                    targets.append(g.views[j])
+                    sources.append(src)
+                    scalars.append(w)
+            _lerp_each_(targets, sources, scalars, self._foreach)
+        for e in self.emas:
+            e._shadow.copy_copied_()
+            e.num_updates += 1
+
+    @contextlib.contextmanager
+    def applied(self, index: int) -> Iterator[nn.Module]:
+        """Evaluate with the ``index``-th average swapped in (see :meth:`EMA.applied`)."""
+        with self.emas[index].applied() as model:
+            yield model
+
+    def averaged_state_dict(self, index: int) -> dict[str, Tensor]:
+        """A model state dict holding the ``index``-th average."""
+        return self.emas[index].averaged_state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of every EMA, in decay order."""
+        return {"format": _FORMAT, "emas": [e.state_dict() for e in self.emas]}
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: not a MultiEMA state, or a different number of decays.
+
+        """
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+            raise ValueError(f"not an emaweights MultiEMA state: {str(state)[:80]!r}")
+        emas = state.get("emas")
+        if not isinstance(emas, Sequence) or len(emas) != len(self.emas):
+            n = len(emas) if isinstance(emas, Sequence) else emas
+            raise ValueError(f"saved MultiEMA holds {n!r} decays, this one {len(self.emas)}")
+        # EMA.load_state_dict validates before writing; check all before loading any.
+        backup = [_cloned(e.state_dict()) for e in self.emas]
+        try:
+            for e, s in zip(self.emas, emas, strict=True):
+                e.load_state_dict(s, strict=strict)
+        except (ValueError, KeyError):
+            for e, s in zip(self.emas, backup, strict=True):
+                e.load_state_dict(s, strict=False)
+            raise
+
+    def __repr__(self) -> str:
+        return f"MultiEMA(decays={[str(e.schedule) for e in self.emas]}, step={self.step})"
+
+
+def _cloned(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict whose shadow tensors own their memory (``state_dict`` returns views)."""
+    return {**state, "shadow": {k: v.clone() for k, v in state["shadow"].items()}}
+
+
+def _lerp_each_(
+    targets: list[Tensor], sources: list[Tensor], weights: list[float], foreach: bool | None
+) -> None:
+    r""":math:`t_j \leftarrow t_j + w_j (s_j - t_j)` with a weight per pair, one launch."""
+    same = all(t.dtype == s.dtype for t, s in zip(targets, sources, strict=True))
+    if same and F._use_foreach(targets, foreach):
+        torch._foreach_lerp_(targets, sources, weights)  # type: ignore[call-overload]
+        return
+    for t, s, w in zip(targets, sources, weights, strict=True):
+        F.lerp_([t], [s], w, foreach=False)
