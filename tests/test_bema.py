@@ -46,6 +46,7 @@ def test_weight_on_theta0_closed_form() -> None:
     alpha = (10.0 + 29) ** -0.2
     assert float(bema.ema["weight"]) == pytest.approx(p, rel=1e-5)
     assert float(bema.shadow["weight"]) == pytest.approx(p - alpha, rel=1e-5)
+    assert bema.init_weight == pytest.approx(p - alpha, rel=1e-9)
 
 
 def test_bad_lag() -> None:

@@ -98,6 +98,8 @@ class BEMA:
         self._mu = Shadow(entries, device=dev)
         self._out = Shadow(entries, device=dev)
         self.step = 0
+        self._ema_init_weight = 1.0  # weight of theta_0 in mu: prod (1 - beta_k)
+        self.init_weight = 1.0  # weight of theta_0 in the result: prod (1 - beta_k) - alpha_t
 
     def weights(self, t: int) -> tuple[float, float]:
         r"""(:math:`\beta_t`, :math:`\alpha_t`) at ``t`` optimizer steps after ``start_step``."""
@@ -106,17 +108,24 @@ class BEMA:
 
     @torch.no_grad()
     def update(self, step: int | None = None) -> None:
-        """Update after ``optimizer.step()``; ``step`` defaults to one more than the last."""
+        r"""Update after ``optimizer.step()``; ``step`` defaults to one more than the last.
+
+        Also advances :attr:`init_weight`, the weight of :math:`\theta_0` in the result,
+        :math:`\prod_k (1 - \beta_k) - \alpha_t` (negative once the correction dominates).
+        """
         self.step = self.step + 1 if step is None else step
         if self.step <= self.start_step:
             for s in (self._theta0, self._mu, self._out):
                 s.copy_from_live_()
+            self._ema_init_weight = self.init_weight = 1.0
             return
         t = self.step - self.start_step
         if t % self.update_every:
             return
         beta, alpha = self.weights(t)
         self._mu.average_(beta)
+        self._ema_init_weight *= 1.0 - beta
+        self.init_weight = self._ema_init_weight - alpha
         for go, gm, g0 in zip(self._out.averaged, self._mu.averaged, self._theta0.averaged, strict=True):
             live = self._mu._live_on_shadow_device(gm)
             torch._foreach_copy_(go.views, gm.views)
