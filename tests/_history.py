@@ -12,7 +12,7 @@ from tests._models import train_step
 def run(
     model: torch.nn.Module, steps: int, hook: Callable[[int], None], lr: float = 0.1
 ) -> list[dict[str, torch.Tensor]]:
-    """Train ``steps`` steps calling ``hook(step)`` after each; return the float64 states 0..steps."""
+    """Train, calling ``hook(step)`` after each step; return float64 states 0..steps."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     history = [{k: v.double().clone() for k, v in model.state_dict().items()}]
     for s in range(1, steps + 1):

@@ -12,7 +12,7 @@ from tests._models import mlp
 
 @pytest.mark.parametrize(("every", "start"), [(1, 0), (2, 3)])
 def test_matches_float64_reference(every: int, start: int) -> None:
-    """BEMA equals mu_t + alpha_t (theta_t - theta_0) with the paper's beta_t, alpha_t, in float64."""
+    """BEMA equals mu_t + alpha_t (theta_t - theta_0) with the paper's beta, alpha (float64)."""
     torch.manual_seed(0)
     model = mlp()
     bema = BEMA(model, update_every=every, start_step=start)
@@ -32,7 +32,7 @@ def test_matches_float64_reference(every: int, start: int) -> None:
 
 
 def test_weight_on_theta0_closed_form() -> None:
-    """After a jump from theta_0 = 1 to 0, BEMA holds prod(1 - beta_k) - alpha_t: less weight on theta_0 than its EMA."""
+    """After a jump from theta_0=1 to 0, BEMA is prod(1-beta_k) - alpha_t, below its EMA."""
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1.0)
@@ -51,5 +51,5 @@ def test_weight_on_theta0_closed_form() -> None:
 
 def test_bad_lag() -> None:
     """A lag below 1 (EMA weight above 1) is refused with the value in the message."""
-    with pytest.raises(ValueError, match="0.5"):
+    with pytest.raises(ValueError, match=r"0\.5"):
         BEMA(mlp(), lag=0.5)

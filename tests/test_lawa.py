@@ -35,7 +35,7 @@ def test_mean_of_last_k_snapshots(k: int) -> None:
 
 
 def test_bad_k_and_empty() -> None:
-    """k < 1 is refused naming the value; averaging before any snapshot raises."""
+    """K < 1 is refused naming the value; averaging before any snapshot raises."""
     with pytest.raises(ValueError, match="0"):
         LAWA(mlp(), k=0)
     with pytest.raises(RuntimeError, match="no snapshot"):

@@ -22,7 +22,9 @@ def _run(model: torch.nn.Module, averagers: list, steps: int = 12) -> None:
 
 
 @pytest.mark.parametrize("foreach", [True, False])
-@pytest.mark.parametrize("options", [{}, {"update_every": 3, "start_step": 2}, {"anchor": "debiased"}])
+@pytest.mark.parametrize(
+    "options", [{}, {"update_every": 3, "start_step": 2}, {"anchor": "debiased"}]
+)
 def test_matches_separate_emas(foreach: bool, options: dict) -> None:
     """Each average of a MultiEMA equals a separate EMA with the same decay and options."""
     torch.manual_seed(0)
@@ -37,7 +39,7 @@ def test_matches_separate_emas(foreach: bool, options: dict) -> None:
 
 
 def test_matches_float64_closed_form() -> None:
-    """A constant-decay average equals the unrolled float64 sum beta^T theta0 + sum (1-beta) beta^(T-t) theta_t."""
+    """A constant decay gives the unrolled float64 sum b^T th0 + sum (1-b) b^(T-t) th_t."""
     torch.manual_seed(1)
     model = mlp()
     decays = [0.6, 0.95]

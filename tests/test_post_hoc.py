@@ -1,4 +1,4 @@
-"""Tests of post-hoc EMA: profiles, sigma_rel <-> gamma, and reconstruction vs directly tracked EMAs."""
+"""Tests of post-hoc EMA: profiles, sigma_rel <-> gamma, reconstruction vs tracked EMAs."""
 
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ def test_sigma_rel_gamma_round_trip(sigma_rel: float) -> None:
 
 def test_bad_sigma_rel() -> None:
     """sigma_rel outside (0, 1/sqrt(12)] is refused with the value in the message."""
-    with pytest.raises(ValueError, match="0.5"):
+    with pytest.raises(ValueError, match=r"0\.5"):
         sigma_rel_to_gamma(0.5)
 
 
 @pytest.mark.parametrize("update_every", [1, 3])
 def test_power_profile_matches_tracked_ema(update_every: int) -> None:
-    """power_profile gives the weights a PowerFunction EMA puts on each averaged iterate (float64)."""
+    """power_profile gives the weight a PowerFunction EMA puts on each iterate (float64)."""
     gamma, steps = 2.5, 30
     model = torch.nn.Linear(1, 1, bias=False).double()
     ema = EMA(model, PowerFunction(gamma), update_every=update_every, dtype=torch.float64)
@@ -69,12 +69,20 @@ def _train(tmp_path: Path, steps: int, update_every: int, snapshot_every: int, e
     torch.manual_seed(0)
     model = mlp()
     tracker = PostHocEMA(
-        model, tmp_path, sigma_rels=(0.05, 0.10), snapshot_every=snapshot_every,
-        update_every=update_every, dtype=torch.float32,
+        model,
+        tmp_path,
+        sigma_rels=(0.05, 0.10),
+        snapshot_every=snapshot_every,
+        update_every=update_every,
+        dtype=torch.float32,
     )
     direct = [
-        EMA(model, PowerFunction(sigma_rel_to_gamma(s)), update_every=update_every,
-            dtype=torch.float64)
+        EMA(
+            model,
+            PowerFunction(sigma_rel_to_gamma(s)),
+            update_every=update_every,
+            dtype=torch.float64,
+        )
         for s in extra
     ]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -90,25 +98,29 @@ def _train(tmp_path: Path, steps: int, update_every: int, snapshot_every: int, e
 def test_reconstruct_tracked_profile_exactly(
     tmp_path: Path, update_every: int, snapshot_every: int
 ) -> None:
-    """Reconstructing a tracked sigma_rel at a snapshot step reproduces a directly tracked float64 EMA."""
-    tracker, direct = _train(tmp_path, 36, update_every, snapshot_every, extra=[0.05])
+    """Reconstructing a tracked sigma_rel at a snapshot step gives a direct float64 EMA of it."""
+    _, direct = _train(tmp_path, 36, update_every, snapshot_every, extra=[0.05])
     out = reconstruct(tmp_path, 0.05)
     for name, t in direct[0].shadow.items():
         torch.testing.assert_close(out[name].double(), t, rtol=1e-5, atol=1e-6)
 
 
 def test_reconstruct_untracked_profile_close(tmp_path: Path) -> None:
-    """An untracked sigma_rel between the tracked ones is reconstructed close to a direct EMA of it."""
+    """An untracked sigma_rel between the tracked ones comes close to a direct EMA of it."""
     tracker, direct = _train(tmp_path, 120, 2, 8, extra=[0.07])
     out = reconstruct(tmp_path, 0.07)
     err = max(float((out[n].double() - t).abs().max()) for n, t in direct[0].shadow.items())
-    spread = max(float((tracker.multi[0].shadow[n].double() - tracker.multi[1].shadow[n].double())
-                       .abs().max()) for n in direct[0].shadow)
+    spread = max(
+        float(
+            (tracker.multi[0].shadow[n].double() - tracker.multi[1].shadow[n].double()).abs().max()
+        )
+        for n in direct[0].shadow
+    )
     assert err < 0.05 * spread
 
 
 def test_manifest_holds_metadata(tmp_path: Path) -> None:
-    """The manifest records step, gamma and update count of every snapshot, and files exist in fp32."""
+    """The manifest records step, gamma, update count of each snapshot; files are fp32."""
     _train(tmp_path, 24, 2, 8, extra=[])
     m = load_manifest(tmp_path)
     assert [s["step"] for s in m["snapshots"]] == [8, 8, 16, 16, 24, 24]

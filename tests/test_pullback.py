@@ -10,7 +10,7 @@ from tests._models import mlp, train_step
 
 
 def test_merges_with_reference_every_n_steps() -> None:
-    """At each merge the weights become (1-beta) theta + beta theta_0 (float64 reference), else untouched."""
+    """Each merge gives (1-beta) theta + beta theta_0 (float64 reference); other steps nothing."""
     torch.manual_seed(0)
     model = mlp()
     theta0 = {k: v.double().clone() for k, v in model.named_parameters()}
@@ -27,6 +27,6 @@ def test_merges_with_reference_every_n_steps() -> None:
 
 
 def test_bad_beta() -> None:
-    """beta outside [0, 1] is refused naming the value."""
-    with pytest.raises(ValueError, match="1.5"):
+    """Beta outside [0, 1] is refused naming the value."""
+    with pytest.raises(ValueError, match=r"1\.5"):
         PullBack(mlp(), every=1, beta=1.5)

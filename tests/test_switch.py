@@ -9,7 +9,7 @@ from tests._models import mlp, train_step
 
 
 def test_switch_copies_average_into_live_weights() -> None:
-    """Every switch_every steps the live weights equal a float64 reference EMA, which training continues from."""
+    """Every switch_every steps the live weights become a float64 reference EMA and go on."""
     torch.manual_seed(0)
     model = mlp()
     ref_model = mlp()
@@ -28,5 +28,7 @@ def test_switch_copies_average_into_live_weights() -> None:
                 if s % 3 == 0:
                     p.copy_(shadow[k])
         for k, p in model.named_parameters():
-            torch.testing.assert_close(p.double(), ref_model.get_parameter(k).double(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                p.double(), ref_model.get_parameter(k).double(), rtol=1e-5, atol=1e-6
+            )
     assert sw.switches == 3

@@ -1,5 +1,6 @@
-r"""BEMA: bias-corrected EMA (Block & Zhang 2025, "EMA Without the Lag: Bias-Corrected
-Iterate Averaging Schemes").
+r"""BEMA: bias-corrected EMA (Block & Zhang 2025).
+
+"EMA Without the Lag: Bias-Corrected Iterate Averaging Schemes".
 
 From the reference point :math:`\theta_0` (the weights at ``start_step``), at
 update :math:`t` (optimizer steps since ``start_step``):
@@ -126,7 +127,9 @@ class BEMA:
         self._mu.average_(beta)
         self._ema_init_weight *= 1.0 - beta
         self.init_weight = self._ema_init_weight - alpha
-        for go, gm, g0 in zip(self._out.averaged, self._mu.averaged, self._theta0.averaged, strict=True):
+        for go, gm, g0 in zip(
+            self._out.averaged, self._mu.averaged, self._theta0.averaged, strict=True
+        ):
             live = self._mu._live_on_shadow_device(gm)
             torch._foreach_copy_(go.views, gm.views)
             torch._foreach_add_(go.views, live, alpha=alpha)
@@ -144,7 +147,7 @@ class BEMA:
         return self._mu.state()
 
     def averaged_state_dict(self) -> dict[str, Tensor]:
-        """A model state dict (canonical names, model dtype/device) holding the corrected average."""
+        """A model state dict (canonical names, model dtype/device) of the corrected average."""
         out = {}
         for key, value in unwrap(self.model).state_dict().items():
             name = canonical_name(key)

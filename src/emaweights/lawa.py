@@ -1,5 +1,6 @@
-r"""Latest-weight averaging (LAWA; Kaddour 2022, Sanyal et al. 2023): the mean of the
-last :math:`k` epoch checkpoints,
+r"""Latest-weight averaging (LAWA; Kaddour 2022, Sanyal et al. 2023).
+
+The mean of the last :math:`k` epoch checkpoints,
 
 .. math:: \bar\theta_E = \frac{1}{k}\sum_{e=E-k+1}^{E}\theta_e .
 

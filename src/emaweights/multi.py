@@ -163,7 +163,7 @@ def _lerp_each_(
     r""":math:`t_j \leftarrow t_j + w_j (s_j - t_j)` with a weight per pair, one launch."""
     same = all(t.dtype == s.dtype for t, s in zip(targets, sources, strict=True))
     if same and F._use_foreach(targets, foreach):
-        torch._foreach_lerp_(targets, sources, weights)  # type: ignore[call-overload]
+        torch._foreach_lerp_(targets, sources, weights)
         return
     for t, s, w in zip(targets, sources, weights, strict=True):
         F.lerp_([t], [s], w, foreach=False)

@@ -1,5 +1,7 @@
-r"""Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics
-of Diffusion Models", EDM2): choose the EMA length *after* training.
+r"""Post-hoc EMA: choose the EMA length *after* training.
+
+Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
+Models" (EDM2).
 
 During training, :class:`PostHocEMA` keeps a few power-function EMAs
 (:class:`~emaweights.schedules.PowerFunction`): after :math:`n` updates the
@@ -70,11 +72,13 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    r"""Invert :func:`gamma_to_sigma_rel`: the root :math:`\gamma > -1` of
+    r"""Invert :func:`gamma_to_sigma_rel`.
+
+    Finds the root :math:`\gamma \ge 0` of
 
     .. math:: (\gamma+2)^2(\gamma+3) - \sigma_{rel}^{-2}(\gamma+1) = 0 ,
 
-    found by bisection over :math:`\gamma \ge 0`, where :math:`\sigma_{rel}`
+    by bisection over :math:`\gamma \ge 0`, where :math:`\sigma_{rel}`
     decreases monotonically from :math:`1/\sqrt{12}` (the uniform profile).
 
     Raises:
@@ -163,7 +167,7 @@ class PostHocEMA:
         return self.multi.step
 
     def update(self, step: int | None = None) -> None:
-        """Update every average; save snapshots when the step is a multiple of ``snapshot_every``."""
+        """Update every average; snapshot when the step is a multiple of ``snapshot_every``."""
         self.multi.update(step)
         if self.step % self.snapshot_every == 0 and self.multi[0].num_updates > 0:
             self.save_snapshot()
@@ -230,9 +234,7 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
     return data
 
 
-def solve_weights(
-    snapshots: Sequence[tuple[float, int]], gamma: float, num_updates: int
-) -> Tensor:
+def solve_weights(snapshots: Sequence[tuple[float, int]], gamma: float, num_updates: int) -> Tensor:
     r"""Least-squares coefficients :math:`x` combining snapshot profiles into a target.
 
     Args:
@@ -249,7 +251,8 @@ def solve_weights(
     target = power_profile(gamma, num_updates, length)
     # lstsq on the profiles themselves, not the normal equations: the Gram
     # matrix of nearby profiles is ill-conditioned.
-    return torch.linalg.lstsq(basis, target.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    solution: Tensor = torch.linalg.lstsq(basis, target.unsqueeze(1), driver="gelsd").solution
+    return solution.squeeze(1)
 
 
 def reconstruct(
@@ -280,7 +283,9 @@ def reconstruct(
         raise ValueError(f"no snapshot at or before step {step!r} (first: {entries[0]['step']})")
     start, every = int(manifest["start_step"]), int(manifest["update_every"])
     num_updates = max(0, (step - start) // every)
-    x = solve_weights([(float(s["gamma"]), int(s["num_updates"])) for s in used], gamma, num_updates)
+    x = solve_weights(
+        [(float(s["gamma"]), int(s["num_updates"])) for s in used], gamma, num_updates
+    )
     load_file = _safetensors().load_file
     out: dict[str, Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}

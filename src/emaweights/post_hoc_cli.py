@@ -1,6 +1,6 @@
 """``emaweights posthoc``: reconstruct a post-hoc EMA from saved snapshots.
 
-    emaweights posthoc SNAPSHOT_DIR --sigma-rel 0.05 --out weights.safetensors
+emaweights posthoc SNAPSHOT_DIR --sigma-rel 0.05 --out weights.safetensors
 """
 
 from __future__ import annotations

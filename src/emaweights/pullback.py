@@ -1,5 +1,6 @@
-r"""Periodic pull-back toward reference weights (Kleiman et al. 2025, "Soup to go:
-mitigating forgetting during continual learning with model averaging", SFA).
+r"""Periodic pull-back toward reference weights (Kleiman et al. 2025, SFA).
+
+"Soup to go: mitigating forgetting during continual learning with model averaging".
 
 Every ``every`` optimizer steps (the paper's :math:`pT`), the live weights are
 merged with the reference :math:`\theta_o` (the pre-trained weights):

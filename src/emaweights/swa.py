@@ -1,5 +1,6 @@
-r"""Uniform weight averaging (SWA; Izmailov et al. 2018, "Averaging Weights Leads to
-Wider Optima and Better Generalization").
+r"""Uniform weight averaging (SWA; Izmailov et al. 2018).
+
+"Averaging Weights Leads to Wider Optima and Better Generalization".
 
 Every averaged point gets the same weight:
 

@@ -25,7 +25,7 @@ __all__ = ["SwitchEMA"]
 
 
 class SwitchEMA(EMA):
-    """An :class:`~emaweights.EMA` that writes its average into the model every ``switch_every`` steps.
+    """An :class:`~emaweights.EMA` writing its average into the model every ``switch_every`` steps.
 
     Args:
         model: the model.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests._models import mlp
 
 from emaweights.bench.methods import Method as RunnerMethod
 from emaweights.bench.methods_family import L2SPMethod, SWAMethod, family_methods
-from tests._models import mlp, train_step
 
 STEPS_PER_EPOCH, EPOCHS = 3, 4
 
@@ -34,9 +34,11 @@ def _drive(method, model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
     return ends
 
 
-@pytest.mark.parametrize("index", range(len(family_methods(STEPS_PER_EPOCH, STEPS_PER_EPOCH * EPOCHS))))
+@pytest.mark.parametrize(
+    "index", range(len(family_methods(STEPS_PER_EPOCH, STEPS_PER_EPOCH * EPOCHS)))
+)
 def test_each_adapter_runs_and_returns_a_state_dict(index: int) -> None:
-    """Every family method follows the protocol and returns finite weights under the model's keys."""
+    """Every family method follows the protocol and returns finite weights under the model keys."""
     method = family_methods(STEPS_PER_EPOCH, STEPS_PER_EPOCH * EPOCHS)[index]
     assert isinstance(method, RunnerMethod)
     torch.manual_seed(0)
@@ -71,5 +73,7 @@ def test_l2sp_penalty_closed_form() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5)
-    expected = 0.15 * sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), theta0))
+    expected = 0.15 * sum(
+        ((p - q) ** 2).sum() for p, q in zip(model.parameters(), theta0, strict=True)
+    )
     torch.testing.assert_close(method.penalty(model), expected)

@@ -1,5 +1,6 @@
-"""Benchmark adapters for the averaging family (issue 6), on the protocol of
-:mod:`emaweights.bench.methods`.
+"""Benchmark adapters for the averaging family.
+
+They follow the protocol of :mod:`emaweights.bench.methods`.
 
 Read-only methods (ride along on the shared run): uniform averaging of epoch
 ends (SWA), latest-k averaging (LAWA), post-hoc EMA reconstructions, BEMA.
@@ -40,12 +41,12 @@ class Method(Protocol):
     family: str
     changes_training: bool
 
-    def start(self, model: nn.Module) -> None: ...  # noqa: D102
-    def penalty(self, model: nn.Module) -> Tensor | None: ...  # noqa: D102
-    def after_step(self, model: nn.Module, step: int) -> None: ...  # noqa: D102
-    def after_epoch(self, model: nn.Module, epoch: int) -> None: ...  # noqa: D102
-    def result(self, model: nn.Module) -> dict[str, Tensor]: ...  # noqa: D102
-    def w0(self) -> float | None: ...  # noqa: D102
+    def start(self, model: nn.Module) -> None: ...
+    def penalty(self, model: nn.Module) -> Tensor | None: ...
+    def after_step(self, model: nn.Module, step: int) -> None: ...
+    def after_epoch(self, model: nn.Module, epoch: int) -> None: ...
+    def result(self, model: nn.Module) -> dict[str, Tensor]: ...
+    def w0(self) -> float | None: ...
 
 
 T = TypeVar("T")
@@ -87,7 +88,6 @@ class _Base:
     def w0(self) -> float | None:
         """Undefined unless a subclass says otherwise."""
         return None
-
 
 
 class SWAMethod(_Base):
@@ -148,7 +148,7 @@ class LAWAMethod(_Base):
 
 
 class PostHocMethod(_Base):
-    """Power EMAs (sigma_rel 0.05 and 0.10) tracked with snapshots, reconstructed at ``sigma_rel``."""
+    """Power EMAs (sigma_rel 0.05, 0.10) with snapshots, reconstructed at ``sigma_rel``."""
 
     family = "posthoc"
 
@@ -260,7 +260,7 @@ class PullBackMethod(_Base):
 
 
 class L2SPMethod(_Base):
-    r"""L2-SP (Li et al. 2018): the penalty :math:`\frac{\alpha}{2}\lVert\theta - \theta_0\rVert^2`."""
+    r"""L2-SP (Li et al. 2018): penalty :math:`\frac{\alpha}{2}\lVert\theta-\theta_0\rVert^2`."""
 
     family = "l2sp"
     changes_training = True
