@@ -98,3 +98,16 @@ def test_bad_input() -> None:
     state = MultiEMA(model, [0.5]).state_dict()
     with pytest.raises(ValueError, match="1 decays"):
         MultiEMA(model, [0.5, 0.9]).load_state_dict(state)
+
+
+def test_bf16_model_fp32_shadows() -> None:
+    """With a bf16 model, the fp32 averages equal separate fp32-shadow EMAs."""
+    torch.manual_seed(4)
+    model = mlp(dtype=torch.bfloat16)
+    multi = MultiEMA(model, [0.5, 0.9])
+    singles = [EMA(model, d) for d in (0.5, 0.9)]
+    _run(model, [multi, *singles], steps=4)
+    for i, single in enumerate(singles):
+        assert multi[i].shadow["0.weight"].dtype == torch.float32
+        for name, t in single.shadow.items():
+            torch.testing.assert_close(multi[i].shadow[name], t, rtol=1e-6, atol=1e-7)

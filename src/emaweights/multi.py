@@ -7,11 +7,13 @@ average per decay :math:`\beta^{(i)}`,
     \bar\theta^{(i)}_t = \beta^{(i)}_t\,\bar\theta^{(i)}_{t-1} + (1 - \beta^{(i)}_t)\,\theta_t ,
     \qquad i = 1, \dots, n ,
 
-and updates all of them with one multi-tensor kernel per shadow group. The
-kernel's tensor list is ordered tensor-major (``p, p, ..., q, q, ...``): the
-``n`` updates that read a live tensor run back to back, so each live tensor is
-read from memory once per update and then from cache. The Python bookkeeping
-(step counting, schedules, checks) is done once per update, not ``n`` times.
+and updates all of them with one kernel per tracked tensor: the ``n`` averages
+of a tensor are the rows of one ``[n, numel]`` block, updated by a single
+broadcast ``block.lerp_(live.view(1, -1), w)`` with ``w`` the ``[n, 1]`` column
+of new-value weights. Each live tensor is read once per update (not ``n``
+times), the launch count does not grow with ``n``, and the Python bookkeeping
+(step counting, schedules, checks) is done once. Each row is contiguous, so
+every average still swaps into the model by pointer.
 
 Each average is a full :class:`~emaweights.EMA` (``multi[i]``): any of them can
 be swapped in for evaluation (``multi.applied(i)``), exported
@@ -28,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from emaweights import functional as F
 from emaweights.ema import EMA
 from emaweights.schedules import Schedule
+from emaweights.shadow import Shadow
 
 __all__ = ["MultiEMA"]
 
@@ -61,7 +63,10 @@ class MultiEMA:
             raise ValueError(f"decays must be a non-empty sequence, got {decays!r}")
         self.model = model
         self.emas = [EMA(model, d, **options) for d in decays]
-        self._foreach = options.get("foreach")
+        self._blocks = [
+            _restack([e._shadow for e in self.emas], gi)
+            for gi in range(len(self.emas[0]._shadow.averaged))
+        ]
 
     def __len__(self) -> int:
         return len(self.emas)
@@ -94,19 +99,12 @@ class MultiEMA:
         if not due[0]:
             return
         weights = [e._weight() for e in self.emas]
-        groups = zip(*(e._shadow.averaged for e in self.emas), strict=True)
         first = self.emas[0]._shadow
-        for gs in groups:
-            live = first._live_on_shadow_device(gs[0])
-            targets: list[Tensor] = []
-            sources: list[Tensor] = []
-            scalars: list[float] = []
-            for j, src in enumerate(live):
-                for g, w in zip(gs, weights, strict=True):
-                    targets.append(g.views[j])
-                    sources.append(src)
-                    scalars.append(w)
-            _lerp_each_(targets, sources, scalars, self._foreach)
+        for g, blocks in zip(first.averaged, self._blocks, strict=True):
+            w = torch.tensor(weights, dtype=g.flat.dtype).view(-1, 1).to(g.flat.device)
+            for block, live in zip(blocks, first._live_on_shadow_device(g), strict=True):
+                row = live.reshape(1, -1)
+                block.lerp_(row if row.dtype == block.dtype else row.to(block.dtype), w)
         for e in self.emas:
             e._shadow.copy_copied_()
             e.num_updates += 1
@@ -157,13 +155,27 @@ def _cloned(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "shadow": {k: v.clone() for k, v in state["shadow"].items()}}
 
 
-def _lerp_each_(
-    targets: list[Tensor], sources: list[Tensor], weights: list[float], foreach: bool | None
-) -> None:
-    r""":math:`t_j \leftarrow t_j + w_j (s_j - t_j)` with a weight per pair, one launch."""
-    same = all(t.dtype == s.dtype for t, s in zip(targets, sources, strict=True))
-    if same and F._use_foreach(targets, foreach):
-        torch._foreach_lerp_(targets, sources, weights)
-        return
-    for t, s, w in zip(targets, sources, weights, strict=True):
-        F.lerp_([t], [s], w, foreach=False)
+def _restack(shadows: list[Shadow], gi: int) -> list[Tensor]:
+    """Move group ``gi`` of every shadow into ``[n, numel]`` blocks, one per tensor.
+
+    Each shadow keeps its views (now rows of the blocks, contiguous), so
+    swapping, loading and saving work unchanged. Returns the blocks.
+    """
+    groups = [s.averaged[gi] for s in shadows]
+    n, ref = len(groups), groups[0]
+    total = ref.flat.numel()
+    storage = torch.empty(n * total, dtype=ref.flat.dtype, device=ref.flat.device)
+    blocks, offset = [], 0
+    for j, v in enumerate(ref.views):
+        block = storage[n * offset : n * (offset + v.numel())].view(n, v.numel())
+        for i, g in enumerate(groups):
+            block[i].copy_(g.views[j].reshape(-1))
+        blocks.append(block)
+        offset += v.numel()
+    for i, (s, g) in enumerate(zip(shadows, groups, strict=True)):
+        g.views = [b[i].view(v.shape) for b, v in zip(blocks, g.views, strict=True)]
+        # ``flat`` is only used for sizes from here on: an equally long slice.
+        g.flat = storage[i * total : (i + 1) * total]
+        for e, v in zip(g.entries, g.views, strict=True):
+            s.tensors[e.name] = v
+    return blocks
