@@ -54,6 +54,9 @@ class MultiEMA:
     Raises:
         ValueError: ``decays`` is empty, or an option is out of range.
 
+    Do not call ``register()`` on the member EMAs: it would give one of them
+    storage of its own, outside the shared blocks; make a new ``MultiEMA``.
+
     """
 
     def __init__(
