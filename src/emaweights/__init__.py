@@ -4,20 +4,43 @@ The core imports only torch. Framework adapters live in
 ``emaweights.integrations`` and are imported only when asked for.
 """
 
+from emaweights.bema import BEMA
 from emaweights.ema import EMA, NonFiniteError, SwapError
 from emaweights.interpolate import interpolate
-from emaweights.schedules import Constant, HalfLife, PowerWarmup, Schedule, Warmup
+from emaweights.lawa import LAWA
+from emaweights.multi import MultiEMA
+from emaweights.post_hoc import PostHocEMA
+from emaweights.pullback import PullBack
+from emaweights.schedules import (
+    Constant,
+    HalfLife,
+    PowerFunction,
+    PowerWarmup,
+    Schedule,
+    Warmup,
+)
+from emaweights.swa import SWA, update_bn
+from emaweights.switch import SwitchEMA
 
 __all__ = [
+    "BEMA",
     "EMA",
+    "LAWA",
+    "SWA",
     "Constant",
     "HalfLife",
+    "MultiEMA",
     "NonFiniteError",
+    "PostHocEMA",
+    "PowerFunction",
     "PowerWarmup",
+    "PullBack",
     "Schedule",
     "SwapError",
+    "SwitchEMA",
     "Warmup",
     "interpolate",
+    "update_bn",
 ]
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "emaweights.bench.demo:main",
         "fine-tune with and without an EMA and report forgetting",
     ),
+    "posthoc": ("emaweights.post_hoc_cli:main", "reconstruct a post-hoc EMA from snapshots"),
 }
 
 

@@ -186,16 +186,27 @@ class EMA:
             ValueError: ``step`` is not an int, or goes backwards.
 
         """
+        if self._due(step):
+            self._shadow.average_(self._weight())
+            self.num_updates += 1
+
+    def _due(self, step: int | None) -> bool:
+        """Advance the step counter; return whether this step averages.
+
+        Copies (before ``start_step``), skipped steps (``update_every``) and
+        skipped non-finite updates are handled here and return ``False``.
+        Shared with :class:`~emaweights.multi.MultiEMA`, which fuses the averaging.
+        """
         self._refuse_while_applied("update")
         saved = (self.step, self._last_step, self.init_weight)
         try:
-            self._update(step)
+            return self._advance(step)
         except BaseException:
             # A refused update (bad step, non-finite weights, changed model) has no effect.
             self.step, self._last_step, self.init_weight = saved
             raise
 
-    def _update(self, step: int | None) -> None:
+    def _advance(self, step: int | None) -> bool:
         if step is None:
             self.step += 1
         else:
@@ -207,9 +218,9 @@ class EMA:
         if self.step <= self.start_step:
             self._shadow.copy_from_live_()
             self._last_step, self.init_weight = self.step, 1.0
-            return
+            return False
         if (self.step - self.start_step) % self.update_every:
-            return
+            return False
         if self.num_updates % _CHECK_EVERY == 0 or self._shadow.live_moved():
             self._check_model()
         if self.nonfinite != "check" and not self._shadow.live_all_finite():
@@ -220,9 +231,8 @@ class EMA:
                 )
             self.skipped_updates += 1
             self._last_step = self.step  # the skipped steps do not age the average
-            return
-        self._shadow.average_(self._weight())
-        self.num_updates += 1
+            return False
+        return True
 
     def _weight(self) -> float:
         """Weight of the live weights for this update, advancing :attr:`init_weight`."""

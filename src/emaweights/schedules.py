@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 __all__ = [
     "Constant",
     "HalfLife",
+    "PowerFunction",
     "PowerWarmup",
     "Schedule",
     "Warmup",
@@ -192,8 +193,43 @@ class PowerWarmup(Schedule):
         return min(self.max_decay, max(self.min_decay, value))
 
 
+@dataclass(frozen=True)
+class PowerFunction(Schedule):
+    r"""The power-function EMA of Karras et al. 2024 (EDM2), used by post-hoc EMA.
+
+    .. math:: \beta_t = \left(\frac{t}{t + 1}\right)^{\gamma + 1}
+
+    (``t`` 0-based, so the first update copies the live weights). After ``n``
+    updates the average weighs the ``m``-th averaged weights by
+    :math:`(m^{\gamma+1} - (m-1)^{\gamma+1}) / n^{\gamma+1}`, a profile
+    :math:`\propto t^\gamma`; it holds no weight on the starting weights.
+    With ``update_every=k`` the per-update decay telescopes to
+    :math:`((n-1)/n)^{\gamma+1}`, the same profile over the updates taken.
+
+    Args:
+        gamma: :math:`\gamma > -1`; see :func:`emaweights.post_hoc.sigma_rel_to_gamma`.
+
+    """
+
+    gamma: float = 6.94
+    kind: ClassVar[str] = "power_function"
+
+    def __post_init__(self) -> None:
+        g = self.gamma
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (g > -1 and g < 1e6):
+            raise ValueError(f"gamma must be a number > -1, got {g!r}")
+
+    def __call__(self, step: int) -> float:
+        r"""Return :math:`(t/(t+1))^{\gamma+1}`."""
+        return float((step / (step + 1)) ** (self.gamma + 1))
+
+    def decay_over(self, start: int, steps: int) -> float:
+        r"""Closed form: the product telescopes to :math:`(s/(s+k))^{\gamma+1}`."""
+        return float((start / (start + steps)) ** (self.gamma + 1))
+
+
 _KINDS: dict[str, type[Schedule]] = {
-    cls.kind: cls for cls in (Constant, HalfLife, Warmup, PowerWarmup)
+    cls.kind: cls for cls in (Constant, HalfLife, Warmup, PowerWarmup, PowerFunction)
 }
 
 

@@ -165,6 +165,20 @@ class Shadow:
             buckets.setdefault(_group_key(e, self.dtype, self.device), []).append(e)
         return [_build_group(es, key[2], key[3]) for key, es in buckets.items()]  # type: ignore[arg-type]
 
+    def rebind_group_(self, gi: int, flat: Tensor, views: list[Tensor]) -> None:
+        """Make averaged group ``gi`` live in new storage (same shapes, already filled).
+
+        Used by :class:`~emaweights.multi.MultiEMA`, which stacks the shadows of
+        several EMAs into shared blocks.
+        """
+        g = self.averaged[gi]
+        if [v.shape for v in views] != [v.shape for v in g.views]:
+            raise ValueError("rebind_group_: the new views do not match the group's shapes")
+        g.flat, g.views = flat, views
+        for e, v in zip(g.entries, views, strict=True):
+            self.local_tensors[e.name] = v
+            self.tensors[e.name] = wrap_like(v, e.get())
+
     # -- updates -----------------------------------------------------------
 
     def _live_on_shadow_device(self, g: _Group) -> list[Tensor]:

@@ -117,7 +117,9 @@ def default_methods(
 
     Anchored and debiased EMAs at each decay, plus a warm-up EMA at the largest.
     The default decays put :math:`w_0 = \beta^T` between about 0 and 0.84 at
-    :math:`T = 340`. Other method families are appended to this one list.
+    :math:`T = 340`. Then the averaging family
+    (:func:`~emaweights.bench.methods_family.family_methods`):
+    SWA, LAWA, post-hoc EMA, BEMA, Switch-EMA, pull-back and L2-SP.
 
     Args:
         steps_per_epoch: optimizer steps per fine-tuning epoch.
@@ -132,9 +134,13 @@ def default_methods(
             f"step counts must be >= 1, got steps_per_epoch={steps_per_epoch}, "
             f"total_steps={total_steps}"
         )
+    # Imported here: the family module builds on this one's protocol.
+    from emaweights.bench.methods_family import family_methods
+
     methods: list[Method] = [EMAMethod(d) for d in decays]
     methods += [EMAMethod(d, anchor="debiased") for d in decays]
     methods.append(EMAMethod(max(decays), warmup=True))
+    methods += family_methods(steps_per_epoch, total_steps)
     return methods
 
 

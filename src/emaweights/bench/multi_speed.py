@@ -1,0 +1,71 @@
+"""Speed of the multi-decay update against separate EMAs.
+
+    PYTHONPATH=src python -m emaweights.bench.multi_speed [--decays 4] [--repeats 30]
+
+Prints, per model, the median time of one update of ``n`` decays done as
+``n`` separate :class:`~emaweights.EMA` objects (the baseline, measured in the
+same run) and as one :class:`~emaweights.multi.MultiEMA`, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from emaweights.ema import EMA
+from emaweights.multi import MultiEMA
+
+__all__ = ["main"]
+
+
+def _models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {
+        "wide MLP (8 x 1024^2, 8.4M)": nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)]),
+        "deep thin (200 x 64^2, 0.8M)": nn.Sequential(*[nn.Linear(64, 64) for _ in range(200)]),
+    }
+
+
+def _median_ms(fn: Callable[[], None], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table; return 0."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--decays", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: less noise)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    decays = [1 - 10 ** -(i + 1) for i in range(args.decays)]  # 0.9, 0.99, ...
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(decays)} decays")
+    print(f"{'model':<30} {'separate ms':>12} {'MultiEMA ms':>12} {'ratio':>6}")
+    for name, model in _models().items():
+        singles = [EMA(model, d) for d in decays]
+        multi = MultiEMA(model, decays)
+
+        def separate(emas: list[EMA] = singles) -> None:
+            for e in emas:
+                e.update()
+
+        t_sep = _median_ms(separate, args.repeats)
+        t_multi = _median_ms(multi.update, args.repeats)
+        print(f"{name:<30} {t_sep:>12.3f} {t_multi:>12.3f} {t_multi / t_sep:>6.2f}")
+    print("ratio = time / separate EMAs (below 1: faster)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

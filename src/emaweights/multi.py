@@ -1,0 +1,201 @@
+r"""Several EMAs of one model, updated in one pass.
+
+Nobody knows the right decay before training. :class:`MultiEMA` keeps one
+average per decay :math:`\beta^{(i)}`,
+
+.. math::
+    \bar\theta^{(i)}_t = \beta^{(i)}_t\,\bar\theta^{(i)}_{t-1} + (1 - \beta^{(i)}_t)\,\theta_t ,
+    \qquad i = 1, \dots, n ,
+
+and updates all of them with one kernel per tracked tensor: the ``n`` averages
+of a tensor are the rows of one ``[n, numel]`` block, updated by a single
+broadcast ``block.lerp_(live.view(1, -1), w)`` with ``w`` the ``[n, 1]`` column
+of new-value weights. Each live tensor is read once per update (not ``n``
+times), the launch count does not grow with ``n``, and the Python bookkeeping
+(step counting, schedules, checks) is done once. Each row is contiguous, so
+every average still swaps into the model by pointer.
+
+Each average is a full :class:`~emaweights.EMA` (``multi[i]``): any of them can
+be swapped in for evaluation (``multi.applied(i)``), exported
+(``multi.averaged_state_dict(i)``) or saved; the per-decay logic (schedules,
+``anchor``, ``update_every``, ``start_step``) is the EMA's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from emaweights.ema import EMA
+from emaweights.schedules import Schedule
+from emaweights.shadow import Shadow
+
+__all__ = ["MultiEMA"]
+
+_FORMAT = "emaweights.MultiEMA"
+
+
+class MultiEMA:
+    r"""Keep one EMA per decay, updated together.
+
+    Args:
+        model: the model (bare or wrapped).
+        decays: the decays (numbers or :class:`~emaweights.schedules.Schedule`),
+            at least one.
+        **options: the keyword options of :class:`~emaweights.EMA`
+            (``update_every``, ``start_step``, ``anchor``, ``dtype``, ``device``,
+            ``include_frozen``, ``exclude``, ``buffers``, ``foreach``,
+            ``nonfinite``), shared by every decay.
+
+    Raises:
+        ValueError: ``decays`` is empty, or an option is out of range.
+
+    Do not call ``register()`` on the member EMAs: it would give one of them
+    storage of its own, outside the shared blocks; make a new ``MultiEMA``.
+
+    """
+
+    def __init__(
+        self, model: nn.Module, decays: Sequence[float | Schedule], **options: Any
+    ) -> None:
+        if isinstance(decays, (str, bytes)) or not isinstance(decays, Sequence) or not decays:
+            raise ValueError(f"decays must be a non-empty sequence, got {decays!r}")
+        self.model = model
+        self.emas = [EMA(model, d, **options) for d in decays]
+        self._blocks = [
+            _restack([e._shadow for e in self.emas], gi)
+            for gi in range(len(self.emas[0]._shadow.averaged))
+        ]
+        # The [n, 1] weight column of each group, allocated once and refilled per update.
+        self._weights = [
+            torch.empty(len(self.emas), 1, dtype=g.flat.dtype, device=g.flat.device)
+            for g in self.emas[0]._shadow.averaged
+        ]
+
+    def __len__(self) -> int:
+        return len(self.emas)
+
+    def __getitem__(self, index: int) -> EMA:
+        """The EMA of the ``index``-th decay."""
+        return self.emas[index]
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps seen."""
+        return self.emas[0].step
+
+    @property
+    def init_weights(self) -> list[float]:
+        r"""Weight on the starting weights, :math:`P^{(i)}_T`, per decay."""
+        return [e.init_weight for e in self.emas]
+
+    @torch.no_grad()
+    def update(self, step: int | None = None) -> None:
+        """Fold the current weights into every average; call after ``optimizer.step()``.
+
+        Args:
+            step: the optimizer step just taken (see :meth:`EMA.update`).
+
+        """
+        # Every EMA has the same step counters and checks, so they agree on
+        # whether this step averages; the first decides, the others follow.
+        due = [e._due(step) for e in self.emas]
+        if not due[0]:
+            return
+        weights = [e._weight() for e in self.emas]
+        first = self.emas[0]._shadow
+        for g, blocks, w in zip(first.averaged, self._blocks, self._weights, strict=True):
+            _fill(w, weights)
+            for block, live in zip(blocks, first._live_on_shadow_device(g), strict=True):
+                row = live.reshape(1, -1)
+                block.lerp_(row if row.dtype == block.dtype else row.to(block.dtype), w)
+        for e in self.emas:
+            e._shadow.copy_copied_()
+            e.num_updates += 1
+
+    @contextlib.contextmanager
+    def applied(self, index: int) -> Iterator[nn.Module]:
+        """Evaluate with the ``index``-th average swapped in (see :meth:`EMA.applied`)."""
+        with self.emas[index].applied() as model:
+            yield model
+
+    def averaged_state_dict(self, index: int) -> dict[str, Tensor]:
+        """A model state dict holding the ``index``-th average."""
+        return self.emas[index].averaged_state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of every EMA, in decay order."""
+        return {"format": _FORMAT, "emas": [e.state_dict() for e in self.emas]}
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: not a MultiEMA state, or a different number of decays.
+
+        """
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+            raise ValueError(f"not an emaweights MultiEMA state: {str(state)[:80]!r}")
+        emas = state.get("emas")
+        if not isinstance(emas, Sequence) or len(emas) != len(self.emas):
+            n = len(emas) if isinstance(emas, Sequence) else emas
+            raise ValueError(f"saved MultiEMA holds {n!r} decays, this one {len(self.emas)}")
+        # EMA.load_state_dict validates before writing; check all before loading any.
+        backup = [_cloned(e.state_dict()) for e in self.emas]
+        try:
+            for e, s in zip(self.emas, emas, strict=True):
+                e.load_state_dict(s, strict=strict)
+        except (ValueError, KeyError):
+            for e, s in zip(self.emas, backup, strict=True):
+                e.load_state_dict(s, strict=False)
+            raise
+
+    def __repr__(self) -> str:
+        return f"MultiEMA(decays={[str(e.schedule) for e in self.emas]}, step={self.step})"
+
+
+def _fill(column: Tensor, values: list[float]) -> None:
+    """Write ``values`` into ``column`` without a host sync.
+
+    On the CPU the elements are set in place (no allocation); elsewhere one
+    small pinned host tensor is copied asynchronously.
+    """
+    if column.device.type == "cpu":
+        for i, v in enumerate(values):
+            column[i, 0] = v
+    else:
+        host = torch.tensor(values, dtype=column.dtype).view(-1, 1)
+        column.copy_(host.pin_memory() if torch.cuda.is_available() else host, non_blocking=True)
+
+
+def _cloned(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict whose shadow tensors own their memory (``state_dict`` returns views)."""
+    return {**state, "shadow": {k: v.clone() for k, v in state["shadow"].items()}}
+
+
+def _restack(shadows: list[Shadow], gi: int) -> list[Tensor]:
+    """Move group ``gi`` of every shadow into ``[n, numel]`` blocks, one per tensor.
+
+    Each shadow keeps its views (now rows of the blocks, contiguous), so
+    swapping, loading and saving work unchanged. Returns the blocks.
+    """
+    groups = [s.averaged[gi] for s in shadows]
+    n, ref = len(groups), groups[0]
+    total = ref.flat.numel()
+    storage = torch.empty(n * total, dtype=ref.flat.dtype, device=ref.flat.device)
+    blocks, offset = [], 0
+    for j, v in enumerate(ref.views):
+        block = storage[n * offset : n * (offset + v.numel())].view(n, v.numel())
+        for i, g in enumerate(groups):
+            block[i].copy_(g.views[j].reshape(-1))
+        blocks.append(block)
+        offset += v.numel()
+    for i, s in enumerate(shadows):
+        # ``flat`` is only used for sizes from here on: an equally long slice.
+        views = [b[i].view(v.shape) for b, v in zip(blocks, ref.views, strict=True)]
+        s.rebind_group_(gi, storage[i * total : (i + 1) * total], views)
+    return blocks
