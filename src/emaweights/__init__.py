@@ -5,6 +5,7 @@ The core imports only torch. Framework adapters live in
 """
 
 from emaweights.ema import EMA, SwapError
+from emaweights.flat import flatten_parameters
 from emaweights.interpolate import interpolate
 from emaweights.schedules import Constant, HalfLife, PowerWarmup, Schedule, Warmup
 
@@ -16,6 +17,7 @@ __all__ = [
     "Schedule",
     "SwapError",
     "Warmup",
+    "flatten_parameters",
     "interpolate",
 ]
 
