@@ -160,6 +160,7 @@ class _Kernel:
         self.flat: tuple[Tensor, Tensor] | None = None
         self.batches: list[F.Batch] = []
         self.buffers: dict[str, Tensor] = {}
+        self.direct = False  # the list path may call the foreach kernel directly
 
     def __call__(self, weight: float) -> None:
         g = self.g
@@ -185,12 +186,14 @@ class _Kernel:
         else:
             if self.flat is not None:
                 self.flat[0].lerp_(self.flat[1], weight)
-            if self.targets:
+            if self.direct:  # same dtype, foreach-capable: skip the per-tensor checks of F.lerp_
+                torch._foreach_lerp_(self.targets, self.sources, weight)
+            elif self.targets:
                 F.ema_update_(self.targets, self.sources, weight, foreach=self.foreach)
 
     def _plan(self, live: list[Tensor]) -> None:
         g = self.g
-        self.flat, self.batches = None, []
+        self.flat, self.batches, self.direct = None, [], False
         n_params = len(g.params)
         run = _flat_run(live[:n_params]) if g.staging is None else None
         if run is not None:
@@ -212,6 +215,7 @@ class _Kernel:
                 self.flat, pairs = pairs[0], pairs[1:]
             self.targets = [t for t, _ in pairs]
             self.sources = [s for _, s in pairs]
+            self.direct = bool(self.targets) and not mixed and F._use_foreach(self.targets, None)
 
     def _plan_staged(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         dev = self.g.flat.device
