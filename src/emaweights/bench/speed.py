@@ -451,15 +451,18 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         build_model(m, 0.01) if m != "mlp" else None  # validate names early
-    cases, skipped = build_cases(models, scale, reps, not args.no_anchors)
-    cases += [
-        c for m in models if m in ("resnet50", "vit_b16") for c in _swap_cases(m, scale, reps)
-    ]
-    for c in cases:
-        if not c.method.startswith(("roofline", "swap", "bare")):
-            c.extra["alloc_bytes"] = allocated_bytes(c.fn)
-    measure(cases, rounds)
-    rows = summarize(cases)
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for m in models:  # one model at a time: every copy of ViT-B costs ~350 MB per method
+        cases, skipped = build_cases([m], scale, reps, not args.no_anchors)
+        if m in ("resnet50", "vit_b16"):
+            cases += _swap_cases(m, scale, reps)
+        for c in cases:
+            if not c.method.startswith(("roofline", "swap", "bare")):
+                c.extra["alloc_bytes"] = allocated_bytes(c.fn)
+        measure(cases, rounds)
+        rows += summarize(cases)
+        del cases
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}")
     print(f"{rounds} interleaved rounds x {reps} calls; medians; scale {scale}")
