@@ -300,6 +300,9 @@ def _swap_cases(model_name: str, scale: float, reps: int) -> list[Case]:
         with ours.applied():
             pass
 
+    def pointer_only() -> None:  # the swap itself, without applied()'s non-finite check
+        ours._shadow.swap_out(ours._shadow.swap_in())
+
     backup = [p.detach().clone() for p in m.parameters()]
     shadow = [p.detach().clone() for p in m.parameters()]
     live = [p.detach() for p in m.parameters()]
@@ -310,7 +313,8 @@ def _swap_cases(model_name: str, scale: float, reps: int) -> list[Case]:
         torch._foreach_copy_(live, backup)
 
     return [
-        Case(model_name, "swap: ours (pointer)", 0, pointer_swap, reps),
+        Case(model_name, "swap: ours applied() (+finite check)", 0, pointer_swap, reps),
+        Case(model_name, "swap: ours swap_in/out (pointer)", 0, pointer_only, reps),
         Case(model_name, "swap: copy (store/copy_to/restore)", 0, copy_swap, reps),
     ]
 
