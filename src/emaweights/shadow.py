@@ -295,13 +295,17 @@ class Shadow:
 
     # -- updates -----------------------------------------------------------
 
-    @torch.no_grad()
     def average_(self, weight: float) -> None:
         """Average with new-value weight ``weight``; copy the copied tensors."""
+        if torch.is_grad_enabled():  # cheaper than a no_grad decorator when already off
+            with torch.no_grad():
+                self.average_(weight)
+            return
         for g in self.averaged:
             assert g.kernel is not None  # set in __init__ for every averaged group
             g.kernel(weight)
-        self.copy_copied_()
+        for g in self.copied:
+            F.copy_(g.views, g.live(), foreach=self.foreach)
 
     @torch.no_grad()
     def copy_from_live_(self) -> None:
