@@ -74,3 +74,78 @@ def test_copy_paths_agree() -> None:
         F.copy_(dst, live, foreach=foreach)
         for d, s in zip(dst, live, strict=True):
             assert torch.equal(d, s)
+
+
+def _mixed_pairs(n_big: int = 3000) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """fp32 shadows and bf16 live tensors: one larger than the staging buffer, several small."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(n_big,), (3, 4), (7,), (50, 9), (1,)]
+    shadow = [torch.randn(s, generator=g) for s in shapes]
+    live = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    return shadow, live
+
+
+@pytest.mark.parametrize("size", [1, 16, 700, 5000])
+def test_staged_matches_float64(size: int) -> None:
+    """The staged mixed-dtype update equals the float64 formula for any staging size."""
+    shadow, live = _mixed_pairs()
+    ref = [0.9 * s.double() + 0.1 * x.double() for s, x in zip(shadow, live, strict=True)]
+    batches = F.stage_batches(shadow, live, torch.empty(size))
+    assert all(sum(t.numel() for t in b[0]) <= size for b in batches)
+    F.lerp_staged_(batches, 0.1)
+    for s, r in zip(shadow, ref, strict=True):
+        torch.testing.assert_close(s.double(), r, rtol=1e-6, atol=1e-7)
+
+
+def test_staged_covers_every_element_once() -> None:
+    """Every element of every tensor appears in exactly one staged piece."""
+    shadow, live = _mixed_pairs()
+    for t in shadow:
+        t.zero_()
+    for tgt, _, _ in F.stage_batches(shadow, live, torch.empty(333)):
+        torch._foreach_add_(tgt, 1.0)
+    assert all(bool((t == 1).all()) for t in shadow)
+
+
+def test_stage_batches_rejects_bad_input() -> None:
+    """Bad staging buffers and non-contiguous tensors raise a clear error."""
+    shadow, live = _mixed_pairs()
+    with pytest.raises(ValueError, match="staging"):
+        F.stage_batches(shadow, live, torch.empty(2, 2))
+    with pytest.raises(ValueError, match="contiguous"):
+        F.stage_batches([torch.zeros(3, 4).t()], [torch.zeros(4, 3)], torch.empty(8))
+    with pytest.raises(ValueError, match="target tensors"):
+        F.stage_batches(shadow, live[:2], torch.empty(8))
+
+
+def test_stochastic_round_is_unbiased_and_representable() -> None:
+    """Stochastic rounding gives bf16 values whose mean is the fp32 input (within 5 s.e.)."""
+    x = torch.full((200_000,), 1.0 + 1.0 / 3 * 2**-7)  # a third of the way to the next bf16
+    out = x.clone()
+    F.stochastic_round_(
+        out, torch.empty(x.numel(), dtype=torch.int32), torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(out, out.bfloat16().float())  # every result is a bf16 value
+    assert set(out.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    se = out.double().std().item() / x.numel() ** 0.5
+    assert abs(out.double().mean().item() - x[0].item()) < 5 * se
+
+
+def test_stochastic_rounding_tracks_exact_average() -> None:
+    """Many SR updates of a bf16 shadow follow the fp64 EMA, where round-to-nearest freezes."""
+    n, steps, w = 20_000, 50, 1e-3
+    g = torch.Generator().manual_seed(3)
+    start = torch.ones(n).bfloat16()
+    live = torch.full((n,), 1.5).bfloat16()
+    sr, rn = start.clone(), start.clone()
+    staging = torch.empty(4096)
+    kw = {"work": torch.empty(4096), "noise": torch.empty(4096, dtype=torch.int32), "generator": g}
+    batches = F.stage_batches([sr], [live], staging)
+    for _ in range(steps):
+        F.lerp_staged_(batches, w, **kw)  # type: ignore[arg-type]
+        F.lerp_([rn], [live], w)
+    exact = 1.5 - 0.5 * (1 - w) ** steps  # float64 closed form
+    # Each step adds at most one bf16 ulp (2**-7) of independent rounding noise.
+    se = (steps**0.5 * 2**-7) / n**0.5
+    assert abs(sr.double().mean().item() - exact) < 5 * se
+    assert torch.equal(rn, start)  # round-to-nearest never moves: the failure SR fixes

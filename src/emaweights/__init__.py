@@ -6,6 +6,7 @@ The core imports only torch. Framework adapters live in
 
 from emaweights.bema import BEMA
 from emaweights.ema import EMA, NonFiniteError, SwapError
+from emaweights.flat import flatten_parameters
 from emaweights.interpolate import interpolate
 from emaweights.lawa import LAWA
 from emaweights.multi import MultiEMA
@@ -39,6 +40,7 @@ __all__ = [
     "SwapError",
     "SwitchEMA",
     "Warmup",
+    "flatten_parameters",
     "interpolate",
     "update_bn",
 ]

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from emaweights._naming import BufferPolicy, canonical_name, collect, unwrap
-from emaweights.shadow import Shadow
+from emaweights.shadow import Shadow, live_on_shadow_device
 
 __all__ = ["BEMA"]
 
@@ -130,7 +130,7 @@ class BEMA:
         for go, gm, g0 in zip(
             self._out.averaged, self._mu.averaged, self._theta0.averaged, strict=True
         ):
-            live = self._mu._live_on_shadow_device(gm)
+            live = live_on_shadow_device(gm, self._mu.foreach)
             torch._foreach_copy_(go.views, gm.views)
             torch._foreach_add_(go.views, live, alpha=alpha)
             torch._foreach_add_(go.views, g0.views, alpha=-alpha)

@@ -12,6 +12,10 @@ from collections.abc import Sequence
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "bench-speed": (
+        "emaweights.bench.speed:main",
+        "time the EMA update against roofline and anchors",
+    ),
     "demo": (
         "emaweights.bench.demo:main",
         "fine-tune with and without an EMA and report forgetting",

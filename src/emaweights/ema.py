@@ -41,7 +41,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from emaweights._naming import BufferPolicy, collect, unwrap
 from emaweights.distributed import reshard
 from emaweights.schedules import Schedule, as_schedule, schedule_from_dict
-from emaweights.shadow import Shadow, SwapRecord
+from emaweights.shadow import Rounding, Shadow, SwapRecord
 
 __all__ = ["EMA", "NonFiniteError", "SwapError"]
 
@@ -98,6 +98,9 @@ class EMA:
             update and raises before the average is touched; ``"skip"`` skips
             that update and counts it in :attr:`skipped_updates`. Both cost one
             fused reduction over the weights and one host sync per update.
+        rounding: ``"stochastic"`` rounds a bfloat16 shadow (``dtype=torch.bfloat16``)
+            stochastically, so that its expectation follows the exact average
+            where round-to-nearest would freeze it; ``"nearest"`` (default) otherwise.
 
     Raises:
         ValueError: an argument is out of range (the message names the value),
@@ -120,6 +123,7 @@ class EMA:
         buffers: BufferPolicy = "average",
         foreach: bool | None = None,
         nonfinite: NonFinitePolicy = "check",
+        rounding: Rounding = "nearest",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -141,6 +145,7 @@ class EMA:
         self._dtype = dtype
         self._device = torch.device(device) if device is not None else None
         self._foreach = foreach
+        self._rounding: Rounding = rounding
         self._swap: SwapRecord | None = None
         self._hook: Any = None
         self.register()
@@ -163,7 +168,11 @@ class EMA:
                 f"exclude={self._options['exclude']})"
             )
         self._shadow = Shadow(
-            entries, dtype=self._dtype, device=self._device, foreach=self._foreach
+            entries,
+            dtype=self._dtype,
+            device=self._device,
+            foreach=self._foreach,
+            rounding=self._rounding,
         )
         self.step = 0  # optimizer steps seen
         self.num_updates = 0  # averaging updates applied

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["copy_", "ema_update_", "lerp_"]
+__all__ = [
+    "Batch",
+    "copy_",
+    "ema_update_",
+    "lerp_",
+    "lerp_staged_",
+    "stage_batches",
+    "stochastic_round_",
+]
 
 Weight = float | Tensor
 
@@ -132,3 +140,133 @@ def copy_(
         return
     for t, s in zip(target, source, strict=True):
         t.copy_(s, non_blocking=True)
+
+
+# -- staged kernels: mixed dtypes and stochastic rounding without a full-size temporary --
+
+Batch = tuple[list[Tensor], list[Tensor], list[Tensor]]
+"""(targets, sources, staging views): 1-D pieces updated together through the staging buffer."""
+
+
+def stage_batches(
+    target: Sequence[Tensor], source: Sequence[Tensor], staging: Tensor
+) -> list[Batch]:
+    """Cut ``target``/``source`` pairs into pieces that fit the 1-D ``staging`` buffer.
+
+    Large tensors are split into chunks of ``staging.numel()`` elements; small
+    ones are packed together so that one batch fills the buffer. The result
+    holds only views (built once, reused by every :func:`lerp_staged_` call).
+
+    Raises:
+        ValueError: lists of different lengths, a non-contiguous tensor, or an
+            empty or non-1-D staging buffer.
+
+    """
+    _check_pairs(target, source, "stage_batches")
+    if staging.dim() != 1 or staging.numel() == 0:
+        raise ValueError(
+            f"staging must be a non-empty 1-D tensor, got shape {tuple(staging.shape)}"
+        )
+    cap = staging.numel()
+    batches: list[Batch] = []
+    tgt: list[Tensor] = []
+    src: list[Tensor] = []
+    stg: list[Tensor] = []
+    used = 0
+    for t, s in zip(target, source, strict=True):
+        if not (t.is_contiguous() and s.is_contiguous()) or t.numel() != s.numel():
+            raise ValueError(f"stage_batches needs contiguous pairs of equal size, got {t.shape}")
+        tf, sf = t.view(-1), s.view(-1)
+        for lo in range(0, tf.numel(), cap):
+            n = min(cap, tf.numel() - lo)
+            if used + n > cap:
+                batches.append((tgt, src, stg))
+                tgt, src, stg, used = [], [], [], 0
+            tgt.append(tf[lo : lo + n])
+            src.append(sf[lo : lo + n])
+            stg.append(staging[used : used + n])
+            used += n
+    if tgt:
+        batches.append((tgt, src, stg))
+    return batches
+
+
+def lerp_staged_(
+    batches: Sequence[Batch],
+    weight: float,
+    *,
+    work: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> None:
+    r"""Mixed-precision :math:`t \leftarrow t + w\,(s - t)` through a cache-sized staging buffer.
+
+    Each batch casts its source pieces into the staging buffer (which stays in
+    cache), then runs one same-dtype ``lerp_`` from there: the target and source
+    are each read once and the target written once, and no full-size temporary
+    is made. The staging buffer has the target's dtype.
+
+    With ``work`` and ``noise`` (stochastic rounding of a bfloat16 target), the
+    update is computed in float32 in ``work`` (staging and ``work`` are float32,
+    the size of the staging buffer) and rounded to bfloat16 stochastically (see
+    :func:`stochastic_round_`), so that the expected shadow equals the exact
+    average even when :math:`w\,(s - t)` is below bfloat16 resolution.
+
+    Args:
+        batches: from :func:`stage_batches`.
+        weight: :math:`w`.
+        work: float32 buffer like the staging buffer, for stochastic rounding.
+        noise: int32 buffer like the staging buffer, for stochastic rounding.
+        generator: random generator of the rounding noise.
+
+    """
+    if work is None:
+        for tgt, src, stg in batches:
+            if len(tgt) == 1:  # one chunk of a large tensor: skip the foreach wrapper
+                stg[0].copy_(src[0])
+                tgt[0].lerp_(stg[0], weight)
+            else:
+                torch._foreach_copy_(stg, src)
+                torch._foreach_lerp_(tgt, stg, weight)
+        return
+    if noise is None:
+        raise ValueError("stochastic rounding needs both work and noise buffers")
+    for tgt, src, stg in batches:
+        n = sum(t.numel() for t in tgt)
+        acc, rnd = work[:n], noise[:n]
+        accs = [acc[lo : lo + t.numel()] for lo, t in zip(_offsets(tgt), tgt, strict=True)]
+        torch._foreach_copy_(stg, src)
+        torch._foreach_copy_(accs, tgt)
+        torch._foreach_lerp_(accs, stg, weight)
+        stochastic_round_(acc, rnd, generator)
+        torch._foreach_copy_(tgt, accs)
+
+
+def _offsets(tensors: Sequence[Tensor]) -> list[int]:
+    """Start offsets of ``tensors`` laid out back to back."""
+    out, lo = [], 0
+    for t in tensors:
+        out.append(lo)
+        lo += t.numel()
+    return out
+
+
+def stochastic_round_(x: Tensor, noise: Tensor, generator: torch.Generator | None = None) -> None:
+    r"""Round float32 ``x`` in place to a bfloat16-representable value, stochastically.
+
+    A value between two neighbouring bfloat16 numbers :math:`a < x < b` becomes
+    :math:`b` with probability :math:`(x - a) / (b - a)`, else :math:`a`, so
+    :math:`\mathbb{E}[\mathrm{round}(x)] = x`. Implemented on the bit pattern:
+    add uniform noise in :math:`[0, 2^{16})` to the low 16 bits and clear them
+    (bfloat16 is the top 16 bits of float32). Values within one bfloat16 step of
+    the largest finite number may round to infinity.
+
+    Args:
+        x: float32, contiguous; overwritten.
+        noise: int32 scratch of ``x``'s size; overwritten.
+        generator: random generator.
+
+    """
+    bits = x.view(torch.int32)
+    noise.random_(0, 1 << 16, generator=generator)
+    bits.add_(noise).bitwise_and_(-(1 << 16))

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from emaweights.ema import EMA
 from emaweights.schedules import Schedule
-from emaweights.shadow import Shadow
+from emaweights.shadow import Shadow, live_on_shadow_device
 
 __all__ = ["MultiEMA"]
 
@@ -110,7 +110,7 @@ class MultiEMA:
         first = self.emas[0]._shadow
         for g, blocks, w in zip(first.averaged, self._blocks, self._weights, strict=True):
             _fill(w, weights)
-            for block, live in zip(blocks, first._live_on_shadow_device(g), strict=True):
+            for block, live in zip(blocks, live_on_shadow_device(g, first.foreach), strict=True):
                 row = live.reshape(1, -1)
                 block.lerp_(row if row.dtype == block.dtype else row.to(block.dtype), w)
         for e in self.emas:

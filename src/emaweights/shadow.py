@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -32,7 +33,12 @@ from emaweights import functional as F
 from emaweights._naming import Entry
 from emaweights.distributed import any_across_ranks, distribute_like, is_dtensor, local, wrap_like
 
-__all__ = ["Shadow", "SwapRecord", "shadow_dtype_for"]
+__all__ = ["Rounding", "Shadow", "SwapRecord", "shadow_dtype_for"]
+
+Rounding = Literal["nearest", "stochastic"]
+
+STAGING_ELEMENTS = 1 << 17
+"""Elements of the cache-sized staging buffer of the mixed-dtype update (512 KiB in fp32)."""
 
 
 def shadow_dtype_for(
@@ -67,6 +73,7 @@ class _Group:
     buffers: list[Entry] = field(default_factory=list)  # buffers are re-read: .to() replaces them
     staging: list[Tensor] | None = None  # live copies on the shadow device (cross-device shadow)
     sharded: bool = False  # some params are DTensors: read their local shard every time
+    kernel: _Kernel | None = None  # the update fast path, chosen after the group is built
 
     def live(self) -> list[Tensor]:
         """The live tensors (local shards for DTensors), in the order of ``views``."""
@@ -107,9 +114,144 @@ def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> 
     )
     group.sharded = any(is_dtensor(p) for p in group.params)
     if sdev != group.live_device:
-        group.staging = [torch.empty_like(v, dtype=group.live_dtype) for v in views]
+        # Allocated once; pinned when it receives copies from an accelerator, so
+        # that the device-to-host copies can run asynchronously.
+        pin = group.live_device.type == "cuda" and sdev.type == "cpu"
+        group.staging = [
+            torch.empty(v.shape, dtype=group.live_dtype, device=sdev, pin_memory=pin) for v in views
+        ]
     F.copy_(views, live)
     return group
+
+
+def _flat_run(tensors: Sequence[Tensor]) -> Tensor | None:
+    """One 1-D view covering ``tensors`` if they lie back to back in one storage, else ``None``."""
+    if len(tensors) < 2:
+        return None
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (
+            not t.is_contiguous()
+            or t.storage_offset() != offset
+            or t.untyped_storage().data_ptr() != storage
+        ):
+            return None
+        offset += t.numel()
+    total = offset - first.storage_offset()
+    return first.detach().as_strided((total,), (1,), first.storage_offset())
+
+
+def live_on_shadow_device(g: _Group, foreach: bool | None) -> list[Tensor]:
+    """The group's live tensors where its shadow is (copied to staging if elsewhere)."""
+    live = g.live()
+    if g.staging is None:
+        return live
+    F.copy_(g.staging, live, foreach=foreach)
+    if g.live_device.type == "cuda":
+        # The CPU update reads the staging tensors next: wait for the copies.
+        torch.cuda.current_stream(g.live_device).synchronize()
+    return g.staging
+
+
+class _Kernel:
+    r"""One group's update :math:`\bar\theta \leftarrow \bar\theta + w\,(\theta - \bar\theta)`.
+
+    The fastest path the live tensors allow is chosen when they are first seen
+    and re-chosen whenever any of them moves (its data pointer changes, e.g.
+    after ``model.to()``), so a plan never holds stale views:
+
+    * ``foreach=False``: the per-tensor reference loop.
+    * same dtype, parameters back to back in one storage (see
+      :func:`emaweights.flat.flatten_parameters`): one ``lerp_`` over the flat
+      buffer, plus one multi-tensor ``lerp_`` for buffers.
+    * same dtype otherwise: one multi-tensor ``lerp_`` over prebuilt lists.
+    * mixed dtypes (fp32 shadow of a bf16 model) or stochastic rounding:
+      chunks cast through a cache-sized staging buffer allocated once
+      (:func:`emaweights.functional.lerp_staged_`), no full-size temporary.
+
+    A cross-device shadow first copies the live tensors into its staging
+    tensors (pinned, asynchronous for CUDA to CPU), then runs the plan there.
+    """
+
+    def __init__(self, g: _Group, *, foreach: bool | None, stochastic: bool) -> None:
+        self.g = g
+        self.foreach = foreach
+        self.stochastic = stochastic
+        self.key: list[int] = []
+        self.kind = ""
+        self.targets: list[Tensor] = []
+        self.sources: list[Tensor] = []
+        self.flat: tuple[Tensor, Tensor] | None = None
+        self.batches: list[F.Batch] = []
+        self.buffers: dict[str, Tensor] = {}
+        self.direct = False  # the list path may call the foreach kernel directly
+
+    def __call__(self, weight: float) -> None:
+        g = self.g
+        live = live_on_shadow_device(g, self.foreach)
+        key = [t.data_ptr() for t in live]
+        if key != self.key:
+            self._plan(live)
+            self.key = key
+        if self.kind == "loop":
+            F.ema_update_(g.views, live, weight, foreach=False)
+        elif self.kind == "staged":
+            F.lerp_staged_(
+                self.batches,
+                weight,
+                work=self.buffers.get("work"),
+                noise=self.buffers.get("noise"),
+            )
+        else:
+            if self.flat is not None:
+                self.flat[0].lerp_(self.flat[1], weight)
+            if self.direct:  # same dtype, foreach-capable: skip the per-tensor checks of F.lerp_
+                torch._foreach_lerp_(self.targets, self.sources, weight)
+            elif self.targets:
+                F.ema_update_(self.targets, self.sources, weight, foreach=self.foreach)
+
+    def _plan(self, live: list[Tensor]) -> None:
+        g = self.g
+        self.flat, self.batches, self.direct = None, [], False
+        n_params = len(g.params)
+        run = _flat_run(live[:n_params]) if g.staging is None else None
+        if run is not None:
+            n = run.numel()
+            pairs = [(g.flat[:n], run), *zip(g.views[n_params:], live[n_params:], strict=True)]
+        else:
+            pairs = list(zip(g.views, live, strict=True))
+        mixed = g.flat.dtype != g.live_dtype
+        contiguous = all(s.is_contiguous() for _, s in pairs)
+        if self.foreach is False:
+            self.kind = "loop"
+        elif (mixed or self.stochastic) and contiguous:
+            self.kind = "staged"
+            self._plan_staged(pairs)
+        else:
+            self.kind = "lists"
+            if run is not None and not mixed:
+                self.kind = "flat"
+                self.flat, pairs = pairs[0], pairs[1:]
+            self.targets = [t for t, _ in pairs]
+            self.sources = [s for _, s in pairs]
+            self.direct = bool(self.targets) and not mixed and F._use_foreach(self.targets, None)
+
+    def _plan_staged(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        dev = self.g.flat.device
+        size = min(STAGING_ELEMENTS, self.g.flat.numel())
+        if self.stochastic:
+            if "work" not in self.buffers:
+                self.buffers = {
+                    "staging": torch.empty(size, dtype=torch.float32, device=dev),
+                    "work": torch.empty(size, dtype=torch.float32, device=dev),
+                    "noise": torch.empty(size, dtype=torch.int32, device=dev),
+                }
+        elif "staging" not in self.buffers:
+            self.buffers = {"staging": torch.empty(size, dtype=self.g.flat.dtype, device=dev)}
+        self.batches = F.stage_batches(
+            [t for t, _ in pairs], [s for _, s in pairs], self.buffers["staging"]
+        )
 
 
 @dataclass
@@ -140,14 +282,24 @@ class Shadow:
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
         foreach: bool | None = None,
+        rounding: Rounding = "nearest",
     ) -> None:
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        if rounding == "stochastic" and dtype != torch.bfloat16:
+            raise ValueError(
+                f"rounding='stochastic' needs a bfloat16 shadow (dtype=torch.bfloat16), got {dtype}"
+            )
         self.foreach = foreach
         self.dtype = dtype
         self.device = device
+        self.rounding: Rounding = rounding
         averaged = [e for e in entries if e.kind != "copy_buffer"]
         copied = [e for e in entries if e.kind == "copy_buffer"]
         self.averaged = self._build(averaged)
         self.copied = self._build(copied)
+        for g in self.averaged:
+            g.kernel = _Kernel(g, foreach=foreach, stochastic=rounding == "stochastic")
         self.local_tensors: dict[str, Tensor] = {
             e.name: v
             for g in self.averaged + self.copied
@@ -175,25 +327,25 @@ class Shadow:
         if [v.shape for v in views] != [v.shape for v in g.views]:
             raise ValueError("rebind_group_: the new views do not match the group's shapes")
         g.flat, g.views = flat, views
+        if g.kernel is not None:
+            g.kernel.key = []  # its plan holds the old views: plan again at the next update
         for e, v in zip(g.entries, views, strict=True):
             self.local_tensors[e.name] = v
             self.tensors[e.name] = wrap_like(v, e.get())
 
     # -- updates -----------------------------------------------------------
 
-    def _live_on_shadow_device(self, g: _Group) -> list[Tensor]:
-        live = g.live()
-        if g.staging is None:
-            return live
-        F.copy_(g.staging, live, foreach=self.foreach)
-        return g.staging
-
-    @torch.no_grad()
     def average_(self, weight: float) -> None:
         """Average with new-value weight ``weight``; copy the copied tensors."""
+        if torch.is_grad_enabled():  # cheaper than a no_grad decorator when already off
+            with torch.no_grad():
+                self.average_(weight)
+            return
         for g in self.averaged:
-            F.ema_update_(g.views, self._live_on_shadow_device(g), weight, foreach=self.foreach)
-        self.copy_copied_()
+            assert g.kernel is not None  # set in __init__ for every averaged group
+            g.kernel(weight)
+        for g in self.copied:
+            F.copy_(g.views, g.live(), foreach=self.foreach)
 
     @torch.no_grad()
     def copy_from_live_(self) -> None:
