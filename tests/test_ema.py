@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from emaweights import EMA, SwapError, Warmup
+from emaweights import EMA, NonFiniteError, SwapError, Warmup
 from tests._models import mlp, train_step
 
 
@@ -349,3 +349,24 @@ def test_buffers_swap_as_copies() -> None:
         torch.testing.assert_close(model[1].running_mean, before)
         model[1].running_mean.data.fill_(123.0)  # like a collective write: no version bump
     assert torch.equal(ema.shadow["1.running_mean"], before)
+
+
+def test_finiteness_checks_name_exactly_the_nonfinite_tensors() -> None:
+    """Huge finite weights pass every finiteness check; NaN and inf are named, nothing else."""
+    model = mlp()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1e20)  # a 2-norm would overflow to inf here; the checks must not
+    ema = EMA(model, 0.5, nonfinite="raise")
+    ema.update()
+    with ema.applied():
+        pass
+    names = list(ema.shadow)
+    with torch.no_grad():
+        ema.shadow[names[0]].view(-1)[0] = float("nan")
+        ema.shadow[names[-1]].view(-1)[-1] = float("-inf")
+    with pytest.raises(NonFiniteError, match="NaN or infinity") as info:
+        ema.apply_shadow()
+    message = str(info.value)
+    assert names[0] in message and names[-1] in message
+    assert all(n not in message for n in names[1:-1])

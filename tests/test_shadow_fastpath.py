@@ -121,6 +121,71 @@ def test_offload_staging_matches_simple_path(dtype: torch.dtype) -> None:
         torch.testing.assert_close(ema.shadow[name], t, **tol)
 
 
+def _emulate_offload(ema: EMA) -> None:
+    """On a CPU-only machine, give every group staging tensors, as a cross-device shadow has."""
+    for g in ema._shadow.averaged:
+        g.staging = [torch.empty(v.shape, dtype=g.live_dtype) for v in g.views]
+
+
+def test_overlap_defers_each_update_by_one_step_and_reads_complete_it() -> None:
+    """With overlap, the storage lags one update behind; every read sees the exact average."""
+    base = mlp()
+    model = copy.deepcopy(base)
+    ema = EMA(model, 0.9, overlap=True)
+    _emulate_offload(ema)
+    ref_model = copy.deepcopy(base)
+    ref = EMA(ref_model, 0.9)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref_model))
+    lagged = {n: t.clone() for n, t in ref.shadow.items()}
+    for s in range(5):
+        train_step(model, opt, seed=s)
+        ema.update()
+        # Storage read without a flush still holds the previous average: the update is pending.
+        for g in ema._shadow.averaged:
+            for e, v in zip(g.entries, g.views, strict=True):
+                torch.testing.assert_close(v, lagged[e.name], rtol=0, atol=0)
+        train_step(ref_model, ref_opt, seed=s)
+        ref.update()
+        lagged = {n: t.clone() for n, t in ref.shadow.items()}
+    # The weights changed after the last update (another step): the pending copy must not see it.
+    train_step(model, opt, seed=99)
+    for name, t in ref.shadow.items():
+        torch.testing.assert_close(ema.shadow[name], t, rtol=0, atol=0)
+
+
+def test_overlap_state_swap_and_resume_match_the_synchronous_ema() -> None:
+    """A pending update is completed by applied(), state_dict() and copy_to(); resume is exact."""
+    base = mlp()
+    model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
+    ema, ref = EMA(model, 0.8, overlap=True), EMA(ref_model, 0.8)
+    _emulate_offload(ema)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref_model))
+    for s in range(3):
+        for m, o, e in ((model, opt, ema), (ref_model, ref_opt, ref)):
+            train_step(m, o, seed=s)
+            e.update()
+    with ema.applied() as m, ref.applied() as r:
+        for (name, p), q in zip(m.named_parameters(), r.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    ema.update(step=4)  # pending again
+    ref_model.load_state_dict(model.state_dict())
+    ref.update(step=4)
+    resumed = EMA(copy.deepcopy(base), 0.8)
+    resumed.load_state_dict(ema.state_dict())
+    for name, t in ref.shadow.items():
+        torch.testing.assert_close(resumed.shadow[name], t, rtol=0, atol=0)
+    target = copy.deepcopy(base)
+    ema.copy_to(target)
+    for (name, p), q in zip(target.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, ref.shadow[name].to(q.dtype), rtol=0, atol=0)
+
+
+def test_overlap_must_be_bool() -> None:
+    """overlap='yes' is refused, naming the value."""
+    with pytest.raises(TypeError, match="'yes'"):
+        EMA(mlp(), 0.9, overlap="yes")  # type: ignore[arg-type]
+
+
 def test_stochastic_rounding_ema() -> None:
     """EMA(rounding='stochastic') moves a bf16 shadow like the exact average, in expectation."""
     n, w, steps = 20_000, 1e-3, 30

@@ -185,6 +185,7 @@ def average_buffers_(ema: EMA, group: Any = None) -> None:
     """
     import torch.distributed as dist
 
+    ema._shadow.flush_()
     buffers = [
         ema._shadow.local_tensors[e.name]
         for e in ema._shadow.entries.values()

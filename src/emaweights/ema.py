@@ -101,6 +101,13 @@ class EMA:
         rounding: ``"stochastic"`` rounds a bfloat16 shadow (``dtype=torch.bfloat16``)
             stochastically, so that its expectation follows the exact average
             where round-to-nearest would freeze it; ``"nearest"`` (default) otherwise.
+        overlap: with the shadow on another device than the model (CPU offload,
+            ``device="cpu"`` for a GPU model), apply each update one step late:
+            :meth:`update` only queues the asynchronous copy of the weights into
+            pinned buffers, and the next :meth:`update` (or any read of the
+            average: evaluation, ``shadow``, ``state_dict``, ``copy_to``) waits
+            for it, normally long finished, and averages. The numbers are those
+            of ``overlap=False``; only the host no longer waits for the copy.
 
     Raises:
         ValueError: an argument is out of range (the message names the value),
@@ -124,6 +131,7 @@ class EMA:
         foreach: bool | None = None,
         nonfinite: NonFinitePolicy = "check",
         rounding: Rounding = "nearest",
+        overlap: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -146,6 +154,9 @@ class EMA:
         self._device = torch.device(device) if device is not None else None
         self._foreach = foreach
         self._rounding: Rounding = rounding
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {overlap!r}")
+        self._overlap = overlap
         self._swap: SwapRecord | None = None
         self._hook: Any = None
         self.register()
@@ -173,6 +184,7 @@ class EMA:
             device=self._device,
             foreach=self._foreach,
             rounding=self._rounding,
+            overlap=self._overlap,
         )
         self.step = 0  # optimizer steps seen
         self.num_updates = 0  # averaging updates applied

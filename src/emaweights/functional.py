@@ -5,9 +5,12 @@ Each kernel has a *foreach* path (one multi-tensor launch, used by default when
 every tensor is on a device torch supports for it) and a per-tensor path (a
 Python loop, the reference). A test checks that both give the same numbers.
 
-None of these functions allocates a full-size temporary or reads a value back
-to the host: the weight is a Python ``float`` (or a 0-dim tensor that stays on
-the device), so a training loop never waits on the EMA.
+None of these functions reads a value back to the host: the weight is a
+Python ``float`` (or a 0-dim tensor that stays on the device), so a training
+loop never waits on the EMA. The same-dtype paths and the staged kernels
+allocate nothing. The mixed-dtype path of :func:`lerp_` may materialize a cast
+of a source tensor (on the CPU, or with a tensor weight); the EMA's update
+takes :func:`lerp_staged_` for mixed dtypes instead, which does not.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ def lerp_(
 
     When ``target`` and ``source`` differ in dtype (an fp32 shadow of a bf16
     model), the update is computed as :math:`t \leftarrow (1 - w)\,t + w\,s`,
-    in ``target``'s dtype, with no full-size temporary on CUDA.
+    in ``target``'s dtype; with a float weight on CUDA there is no full-size
+    temporary, elsewhere a cast of the source may be materialized (see
+    :func:`lerp_staged_` for a path that never allocates).
 
     Args:
         target: tensors updated in place.

@@ -22,6 +22,7 @@ shard, since FSDP2 all-gathers from its own shard storage and ignores ``.data``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -154,6 +155,23 @@ def live_on_shadow_device(g: _Group, foreach: bool | None) -> list[Tensor]:
     return g.staging
 
 
+def _nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+    """One flag per tensor: holds NaN or infinity. A CPU bool tensor, one sync per device.
+
+    The max-norm (not the 2-norm, which overflows for large finite values) is
+    infinite or NaN exactly when the tensor holds a non-finite element.
+    """
+    flags = torch.zeros(len(tensors), dtype=torch.bool)
+    by_device: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel():  # the max-norm of an empty tensor is undefined; it is finite
+            by_device.setdefault((t.device, t.dtype), []).append(i)
+    for idx in by_device.values():
+        norms = torch._foreach_norm([tensors[i] for i in idx], ord=math.inf)
+        flags[idx] = (~torch.isfinite(torch.stack(norms))).cpu()
+    return flags
+
+
 class _Kernel:
     r"""One group's update :math:`\bar\theta \leftarrow \bar\theta + w\,(\theta - \bar\theta)`.
 
@@ -172,12 +190,20 @@ class _Kernel:
 
     A cross-device shadow first copies the live tensors into its staging
     tensors (pinned, asynchronous for CUDA to CPU), then runs the plan there.
+    With ``overlap``, the plan runs at the *next* update (or at the next read of
+    the shadow, see :meth:`Shadow.flush_`): the copy then overlaps a training
+    step instead of being waited for.
     """
 
-    def __init__(self, g: _Group, *, foreach: bool | None, stochastic: bool) -> None:
+    def __init__(
+        self, g: _Group, *, foreach: bool | None, stochastic: bool, overlap: bool = False
+    ) -> None:
         self.g = g
         self.foreach = foreach
         self.stochastic = stochastic
+        self.overlap = overlap
+        self.pending: float | None = None  # weight of an update staged but not yet applied
+        self.event: torch.cuda.Event | None = None  # marks the end of its copy
         self.key: list[int] = []
         self.kind = ""
         self.targets: list[Tensor] = []
@@ -188,8 +214,46 @@ class _Kernel:
         self.direct = False  # the list path may call the foreach kernel directly
 
     def __call__(self, weight: float) -> None:
+        if self.overlap and self.g.staging is not None:
+            self.finish()
+            self._stage(weight)
+            return
+        self._run(live_on_shadow_device(self.g, self.foreach), weight)
+
+    def _stage(self, weight: float) -> None:
+        """Start copying the live tensors into staging; the update itself waits for :meth:`finish`.
+
+        The copy is queued on the model's current stream, behind the optimizer
+        step that produced the weights and ahead of the next one, so it reads
+        exactly these weights; the host does not wait for it.
+        """
         g = self.g
-        live = live_on_shadow_device(g, self.foreach)
+        assert g.staging is not None  # only called for cross-device groups
+        F.copy_(g.staging, g.live(), foreach=self.foreach)
+        if g.live_device.type == "cuda":
+            self.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self.event.record(torch.cuda.current_stream(g.live_device))
+        self.pending = weight
+
+    def finish(self) -> None:
+        """Apply the update whose copy :meth:`_stage` started (a no-op if none is pending)."""
+        if self.pending is None:
+            return
+        if self.event is not None:
+            self.event.synchronize()  # normally long done: a training step ran meanwhile
+            self.event = None
+        weight, self.pending = self.pending, None
+        assert self.g.staging is not None  # pending only for cross-device groups
+        self._run(self.g.staging, weight)
+
+    def drop(self) -> None:
+        """Forget a pending update (the shadow is about to be overwritten)."""
+        if self.event is not None:
+            self.event.synchronize()  # the copy must not land in reused staging later
+        self.pending, self.event = None, None
+
+    def _run(self, live: list[Tensor], weight: float) -> None:
+        g = self.g
         key = [t.data_ptr() for t in live]
         if key != self.key:
             self._plan(live)
@@ -271,6 +335,9 @@ class Shadow:
         dtype: shadow dtype for averaged tensors; ``None`` means at least float32.
         device: shadow device; ``None`` means each tensor's own device.
         foreach: kernel choice, see :func:`emaweights.functional.lerp_`.
+        rounding: ``"stochastic"`` for a stochastically rounded bfloat16 shadow.
+        overlap: defer each update of a cross-device group by one step (see
+            :class:`_Kernel`); every read of the shadow completes it first.
 
     """
 
@@ -283,6 +350,7 @@ class Shadow:
         device: torch.device | None = None,
         foreach: bool | None = None,
         rounding: Rounding = "nearest",
+        overlap: bool = False,
     ) -> None:
         if rounding not in ("nearest", "stochastic"):
             raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
@@ -299,7 +367,9 @@ class Shadow:
         self.averaged = self._build(averaged)
         self.copied = self._build(copied)
         for g in self.averaged:
-            g.kernel = _Kernel(g, foreach=foreach, stochastic=rounding == "stochastic")
+            g.kernel = _Kernel(
+                g, foreach=foreach, stochastic=rounding == "stochastic", overlap=overlap
+            )
         self.local_tensors: dict[str, Tensor] = {
             e.name: v
             for g in self.averaged + self.copied
@@ -347,9 +417,22 @@ class Shadow:
         for g in self.copied:
             F.copy_(g.views, g.live(), foreach=self.foreach)
 
+    def flush_(self) -> None:
+        """Complete every deferred update (``overlap``); called by every read of the shadow."""
+        with torch.no_grad():
+            for g in self.averaged:
+                if g.kernel is not None:
+                    g.kernel.finish()
+
+    def _drop(self) -> None:
+        for g in self.averaged:
+            if g.kernel is not None:
+                g.kernel.drop()
+
     @torch.no_grad()
     def copy_from_live_(self) -> None:
         """Set every shadow tensor to the live value (the start of an average)."""
+        self._drop()
         for g in self.averaged:
             F.copy_(g.views, g.live(), foreach=self.foreach)
         self.copy_copied_()
@@ -362,6 +445,7 @@ class Shadow:
 
     def copy_to_live_(self) -> None:
         """Write the shadow into the live tensors (make the average permanent)."""
+        self.flush_()
         with torch.no_grad():
             for g in self.averaged + self.copied:
                 F.copy_(g.live(), g.views, foreach=self.foreach)
@@ -411,29 +495,24 @@ class Shadow:
         return False
 
     def live_all_finite(self) -> bool:
-        """Whether every averaged live tensor is finite (one fused reduction, one host sync)."""
-        norms: list[Tensor] = []
-        for g in self.averaged:
-            if g.live_dtype.is_floating_point:
-                norms.extend(torch._foreach_norm(g.live()))
-        finite = (
-            bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
-            if norms
-            else True
-        )
-        like = self._a_sharded_param()
-        if like is not None:  # one decision for all ranks, though each sees only its shard
-            return not bool(any_across_ranks(torch.tensor([not finite]), like))
-        return finite
+        """Whether every averaged live tensor is finite (one fused reduction per group)."""
+        tensors = [t for g in self.averaged if g.live_dtype.is_floating_point for t in g.live()]
+        return not any(self._across_ranks(_nonfinite(tensors)).tolist())
 
     def nonfinite_names(self) -> list[str]:
         """Names of shadow tensors holding NaN or infinity (in any rank's shard, if sharded)."""
+        self.flush_()
         names = [n for n, t in self.local_tensors.items() if t.is_floating_point()]
-        bad = torch.tensor([not bool(torch.isfinite(self.local_tensors[n]).all()) for n in names])
-        like = self._a_sharded_param()
-        if like is not None:  # a collective: a rank that alone raised would leave others hanging
-            bad = any_across_ranks(bad, like)
+        bad = self._across_ranks(_nonfinite([self.local_tensors[n] for n in names]))
         return [n for n, b in zip(names, bad.tolist(), strict=True) if b]
+
+    def _across_ranks(self, flags: Tensor) -> Tensor:
+        """``flags`` or-ed over the ranks of a sharded model (a collective), else as is."""
+        like = self._a_sharded_param()
+        if like is None:
+            return flags
+        # Every rank must decide the same: one that alone raised would leave others hanging.
+        return any_across_ranks(flags, like)
 
     def _a_sharded_param(self) -> Tensor | None:
         """A live DTensor parameter (its mesh carries the cross-rank checks), if any."""
@@ -447,6 +526,7 @@ class Shadow:
 
     def swap_in(self) -> SwapRecord:
         """Put the shadow into the model: parameters by pointer, buffers by copy."""
+        self.flush_()
         held: list[tuple[Entry, Tensor]] = []
         swapped: list[Tensor] = []
         for g in self.averaged + self.copied:
@@ -496,6 +576,7 @@ class Shadow:
 
     def state(self) -> dict[str, Tensor]:
         """Shadow tensors by canonical name (views: no copy)."""
+        self.flush_()
         return dict(self.tensors)
 
     def load_(self, state: Mapping[str, Tensor], *, strict: bool = True) -> None:
@@ -532,6 +613,7 @@ class Shadow:
         if bad:
             raise ValueError("EMA state does not match the model: " + "; ".join(bad))
         names = [n for n in self.tensors if n in state]
+        self.flush_()  # a partial load keeps the other tensors: complete them first
         with torch.no_grad():
             F.copy_(
                 [self.local_tensors[n] for n in names],
