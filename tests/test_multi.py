@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emaweights import EMA
+from emaweights import EMA, NonFiniteError
+from emaweights.flat import flatten_parameters
 from emaweights.multi import MultiEMA
 from emaweights.schedules import Warmup
 from tests._models import mlp, train_step
@@ -111,3 +112,29 @@ def test_bf16_model_fp32_shadows() -> None:
         assert multi[i].shadow["0.weight"].dtype == torch.float32
         for name, t in single.shadow.items():
             torch.testing.assert_close(multi[i].shadow[name], t, rtol=1e-6, atol=1e-7)
+
+
+def test_nonfinite_average_is_named_in_the_right_member() -> None:
+    """A NaN in one decay's average is reported by that EMA only (stacked storage)."""
+    model = mlp()
+    multi = MultiEMA(model, [0.5, 0.9, 0.99])
+    multi.update()
+    name = next(iter(multi[1].shadow))
+    with torch.no_grad():
+        multi[1].shadow[name].view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=name):
+        multi[1].apply_shadow()
+    for i in (0, 2):
+        with multi.applied(i):
+            pass
+
+
+def test_member_update_matches_a_single_ema() -> None:
+    """Updating one member of a flat-parameter MultiEMA alone matches a separate EMA."""
+    torch.manual_seed(5)
+    model = mlp()
+    flatten_parameters(model)  # the live side is one flat run: the member must not use it
+    multi, single = MultiEMA(model, [0.5, 0.9]), EMA(model, 0.9)
+    _run(model, [multi[1], single], steps=3)
+    for name, t in single.shadow.items():
+        torch.testing.assert_close(multi[1].shadow[name], t, rtol=0, atol=0)

@@ -22,7 +22,6 @@ shard, since FSDP2 all-gathers from its own shard storage and ignores ``.data``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -75,6 +74,7 @@ class _Group:
     staging: list[Tensor] | None = None  # live copies on the shadow device (cross-device shadow)
     sharded: bool = False  # some params are DTensors: read their local shard every time
     kernel: _Kernel | None = None  # the update fast path, chosen after the group is built
+    flat_is_views: bool = True  # ``flat`` is exactly the views back to back (see rebind_group_)
 
     def live(self) -> list[Tensor]:
         """The live tensors (local shards for DTensors), in the order of ``views``."""
@@ -156,19 +156,26 @@ def live_on_shadow_device(g: _Group, foreach: bool | None) -> list[Tensor]:
 
 
 def _nonfinite(tensors: Sequence[Tensor]) -> Tensor:
-    """One flag per tensor: holds NaN or infinity. A CPU bool tensor, one sync per device.
+    """One flag per tensor: holds NaN or infinity. A CPU bool tensor.
 
-    The max-norm (not the 2-norm, which overflows for large finite values) is
-    infinite or NaN exactly when the tensor holds a non-finite element.
+    A fused 2-norm per (device, dtype) screens every tensor with one launch and
+    one sync; it is infinite or NaN whenever the tensor holds a non-finite
+    element, but may also overflow for huge finite values, so each suspect is
+    confirmed exactly by its min and max (NaN propagates; infinity is the
+    extreme). Suspects are rare: they cost one more sync each.
     """
     flags = torch.zeros(len(tensors), dtype=torch.bool)
-    by_device: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
-        if t.numel():  # the max-norm of an empty tensor is undefined; it is finite
-            by_device.setdefault((t.device, t.dtype), []).append(i)
-    for idx in by_device.values():
-        norms = torch._foreach_norm([tensors[i] for i in idx], ord=math.inf)
-        flags[idx] = (~torch.isfinite(torch.stack(norms))).cpu()
+        if t.numel():  # an empty tensor holds nothing non-finite
+            by_kind.setdefault((t.device, t.dtype), []).append(i)
+    for idx in by_kind.values():
+        norms = torch._foreach_norm([tensors[i] for i in idx])
+        suspect = (~torch.isfinite(torch.stack(norms))).cpu().tolist()
+        for i, s in zip(idx, suspect, strict=True):
+            if s:
+                lo, hi = torch.aminmax(tensors[i])
+                flags[i] = not bool(torch.isfinite(lo) & torch.isfinite(hi))
     return flags
 
 
@@ -279,7 +286,7 @@ class _Kernel:
         g = self.g
         self.flat, self.batches, self.direct = None, [], False
         n_params = len(g.params)
-        run = _flat_run(live[:n_params]) if g.staging is None else None
+        run = _flat_run(live[:n_params]) if g.staging is None and g.flat_is_views else None
         if run is not None:
             n = run.numel()
             pairs = [(g.flat[:n], run), *zip(g.views[n_params:], live[n_params:], strict=True)]
@@ -397,6 +404,10 @@ class Shadow:
         if [v.shape for v in views] != [v.shape for v in g.views]:
             raise ValueError("rebind_group_: the new views do not match the group's shapes")
         g.flat, g.views = flat, views
+        g.flat_is_views = all(
+            v.data_ptr() == flat.data_ptr() + o * flat.element_size()
+            for v, o in zip(views, F._offsets(views), strict=True)
+        ) and all(v.is_contiguous() for v in views)
         if g.kernel is not None:
             g.kernel.key = []  # its plan holds the old views: plan again at the next update
         for e, v in zip(g.entries, views, strict=True):
@@ -495,7 +506,7 @@ class Shadow:
         return False
 
     def live_all_finite(self) -> bool:
-        """Whether every averaged live tensor is finite (one fused reduction per group)."""
+        """Whether every averaged live tensor is finite (one fused reduction, one sync)."""
         tensors = [t for g in self.averaged if g.live_dtype.is_floating_point for t in g.live()]
         return not any(self._across_ranks(_nonfinite(tensors)).tolist())
 
@@ -503,7 +514,15 @@ class Shadow:
         """Names of shadow tensors holding NaN or infinity (in any rank's shard, if sharded)."""
         self.flush_()
         names = [n for n, t in self.local_tensors.items() if t.is_floating_point()]
-        bad = self._across_ranks(_nonfinite([self.local_tensors[n] for n in names]))
+        bad = torch.zeros(len(names), dtype=torch.bool)
+        # Screen each group's flat buffer with one reduction; name tensors only in bad groups.
+        groups = [g for g in self.averaged + self.copied if g.flat.is_floating_point()]
+        screens = _nonfinite([g.flat for g in groups]).tolist()
+        for g, group_bad in zip(groups, screens, strict=True):
+            if group_bad or not g.flat_is_views:
+                suspects = [names.index(e.name) for e in g.entries]
+                bad[suspects] = _nonfinite([self.local_tensors[names[i]] for i in suspects])
+        bad = self._across_ranks(bad)
         return [n for n, b in zip(names, bad.tolist(), strict=True) if b]
 
     def _across_ranks(self, flags: Tensor) -> Tensor:
