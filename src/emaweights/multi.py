@@ -110,9 +110,13 @@ class MultiEMA:
         first = self.emas[0]._shadow
         for g, blocks, w in zip(first.averaged, self._blocks, self._weights, strict=True):
             _fill(w, weights)
-            for block, live in zip(blocks, live_on_shadow_device(g, first.foreach), strict=True):
-                row = live.reshape(1, -1)
-                block.lerp_(row if row.dtype == block.dtype else row.to(block.dtype), w)
+            rows = [t.reshape(1, -1) for t in live_on_shadow_device(g, first.foreach)]
+            if rows and rows[0].dtype == blocks[0].dtype:
+                # One call for the group: the per-tensor broadcasts run in C++, not Python.
+                torch._foreach_lerp_(blocks, rows, [w] * len(blocks))
+                continue
+            for block, row in zip(blocks, rows, strict=True):  # mixed dtypes: cast per tensor
+                block.lerp_(row.to(block.dtype), w)
         for e in self.emas:
             e._shadow.copy_copied_()
             e.num_updates += 1
