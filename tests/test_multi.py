@@ -138,3 +138,16 @@ def test_member_update_matches_a_single_ema() -> None:
     _run(model, [multi[1], single], steps=3)
     for name, t in single.shadow.items():
         torch.testing.assert_close(multi[1].shadow[name], t, rtol=0, atol=0)
+
+
+def test_bf16_update_allocates_nothing_after_the_first() -> None:
+    """With a bf16 model, a MultiEMA update allocates no tensor memory after the first call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = mlp(dtype=torch.bfloat16)
+    multi = MultiEMA(model, [0.5, 0.9])
+    multi.update()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        multi.update()
+    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+    assert allocated == 0, f"{allocated} bytes allocated by one update"

@@ -70,11 +70,22 @@ class MultiEMA:
             _restack([e._shadow for e in self.emas], gi)
             for gi in range(len(self.emas[0]._shadow.averaged))
         ]
+        self._casts: dict[int, Tensor] = {}  # mixed-dtype groups: see _cast_buffer
         # The [n, 1] weight column of each group, allocated once and refilled per update.
         self._weights = [
             torch.empty(len(self.emas), 1, dtype=g.flat.dtype, device=g.flat.device)
             for g in self.emas[0]._shadow.averaged
         ]
+
+    def _cast_buffer(self, blocks: list[Tensor]) -> Tensor:
+        """The cast buffer of a group (keyed by its first block), allocated on first use."""
+        key = blocks[0].data_ptr()
+        buffer = self._casts.get(key)
+        if buffer is None:
+            size = max(b.shape[1] for b in blocks)
+            buffer = torch.empty(size, dtype=blocks[0].dtype, device=blocks[0].device)
+            self._casts[key] = buffer
+        return buffer
 
     def __len__(self) -> int:
         return len(self.emas)
@@ -115,8 +126,13 @@ class MultiEMA:
                 # One call for the group: the per-tensor broadcasts run in C++, not Python.
                 torch._foreach_lerp_(blocks, rows, [w] * len(blocks))
                 continue
-            for block, row in zip(blocks, rows, strict=True):  # mixed dtypes: cast per tensor
-                block.lerp_(row.to(block.dtype), w)
+            # Mixed dtypes (fp32 averages of a bf16 model): cast each tensor into a
+            # buffer allocated once, the size of the group's largest tensor.
+            cast = self._cast_buffer(blocks)
+            for block, row in zip(blocks, rows, strict=True):
+                staged = cast[: row.numel()].view(1, -1)
+                staged.copy_(row)
+                block.lerp_(staged, w)
         for e in self.emas:
             e._shadow.copy_copied_()
             e.num_updates += 1
@@ -170,7 +186,7 @@ def _fill(column: Tensor, values: list[float]) -> None:
     """
     if column.device.type == "cpu":
         for i, v in enumerate(values):
-            column[i, 0] = v
+            column[i].fill_(v)  # a view and a scalar fill: no temporary tensor
     else:
         host = torch.tensor(values, dtype=column.dtype).view(-1, 1)
         column.copy_(host.pin_memory() if torch.cuda.is_available() else host, non_blocking=True)
