@@ -97,10 +97,26 @@ def local(t: Tensor) -> Tensor:
         with torch.no_grad():  # to_local() without grad is the stored local tensor itself
             return t.to_local()  # type: ignore[attr-defined, no-any-return]
     if is_zero3(t):
-        # ZeRO-3 keeps the weights in the flat partition ``ds_tensor``; ``t.data`` is empty
-        # outside forward (or a gathered copy), so the partition is what is trained.
-        return t.ds_tensor  # type: ignore[attr-defined, no-any-return]
+        return _zero3_partition(t)
     return t
+
+
+def _zero3_partition(t: Tensor) -> Tensor:
+    """The elements of a ZeRO-3 parameter that this rank's partition holds, without padding.
+
+    ZeRO-3 keeps the weights in the flat partition ``ds_tensor`` (``t.data`` is
+    empty outside forward, or a gathered copy). Rank ``r`` holds elements
+    ``[r n, (r + 1) n)`` of the flattened parameter padded to ``world * n``;
+    the padding is never written, may hold anything (NaN in bfloat16), and
+    must stay out of the average and its finiteness checks.
+    """
+    import torch.distributed as dist
+
+    part: Tensor = t.ds_tensor  # type: ignore[attr-defined]
+    n = part.numel()
+    rank = dist.get_rank(getattr(t, "ds_process_group", None))
+    valid = max(0, min(n, int(t.ds_numel) - rank * n))  # type: ignore[attr-defined]
+    return part if valid == n else part.narrow(0, 0, valid)
 
 
 def wrap_like(view: Tensor, like: Tensor) -> Tensor:

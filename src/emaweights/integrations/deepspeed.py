@@ -2,7 +2,8 @@ r"""DeepSpeed ZeRO-3: the same :class:`~emaweights.ema.EMA` on parameter partiti
 
 Under ZeRO stage 3 each parameter keeps only this rank's flat partition in
 ``param.ds_tensor`` (padded so that every rank holds the same length);
-``param.data`` is empty outside forward. Make the EMA *after*
+``param.data`` is empty outside forward. The EMA averages the partitions'
+elements without the padding. Make the EMA *after*
 ``deepspeed.initialize``, on ``engine.module``: it then averages each rank's
 partitions in place,
 
@@ -37,34 +38,31 @@ if TYPE_CHECKING:
 __all__ = ["gathered_shadow", "gathered_state_dict", "load_gathered_state_dict"]
 
 
-def _world(group: Any) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
 def _gather(partition: Tensor, param: Tensor) -> Tensor:
-    """The full tensor of ``param``'s shape from every rank's ``partition`` (a collective)."""
+    """The full tensor of ``param``'s shape from every rank's ``partition`` (a collective).
+
+    ``partition`` holds this rank's elements without padding (see
+    :func:`emaweights.distributed.local`); rank ``r``'s start at ``r * n``,
+    ``n`` being the padded partition length.
+    """
     import torch.distributed as dist
 
     group = getattr(param, "ds_process_group", None)
-    world, _ = _world(group)
-    flat = partition.new_empty(world * partition.numel())
-    dist.all_gather_into_tensor(flat, partition.contiguous(), group=group)
-    # Rank r holds elements [r * n, (r + 1) * n) of the padded flat tensor; drop the padding.
+    n = param.ds_tensor.numel()  # type: ignore[attr-defined]
+    padded = partition.new_zeros(n)
+    padded[: partition.numel()] = partition.reshape(-1)
+    flat = partition.new_empty(dist.get_world_size(group) * n)
+    dist.all_gather_into_tensor(flat, padded, group=group)
     numel: int = param.ds_numel  # type: ignore[attr-defined]
     return flat[:numel].view(param.ds_shape)  # type: ignore[attr-defined]
 
 
 def _cut(full: Tensor, partition: Tensor, param: Tensor) -> Tensor:
-    """This rank's partition of the full tensor ``full`` (no communication)."""
-    _, rank = _world(getattr(param, "ds_process_group", None))
-    n = partition.numel()
-    flat = full.reshape(-1)
-    out = torch.zeros_like(partition)  # the padding past the end stays zero
-    piece = flat[rank * n : (rank + 1) * n]
-    out[: piece.numel()].copy_(piece)
-    return out
+    """This rank's elements of the full tensor ``full``, shaped like ``partition``."""
+    import torch.distributed as dist
+
+    start = dist.get_rank(getattr(param, "ds_process_group", None)) * param.ds_tensor.numel()  # type: ignore[attr-defined]
+    return full.reshape(-1)[start : start + partition.numel()].clone()
 
 
 def gathered_shadow(ema: EMA) -> dict[str, Tensor]:
@@ -120,5 +118,5 @@ def load_gathered_state_dict(ema: EMA, state: Mapping[str, Any], strict: bool = 
             raise ValueError(
                 f"{name}: shape {tuple(value.shape)} != {tuple(live.ds_shape)}"  # type: ignore[attr-defined]
             )
-        shadow[name] = _cut(value.to(local[name].device), local[name].to(value.dtype), live)
+        shadow[name] = _cut(value.to(local[name].device), local[name], live)
     ema.load_state_dict({**state, "shadow": shadow}, strict=strict)
