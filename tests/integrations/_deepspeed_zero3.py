@@ -52,8 +52,22 @@ def _max_err(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def zero3(rank: int, world: int, folder: Path) -> dict[str, Any]:
-    """Train under ZeRO-3 with an EMA; return errors against the float64 oracle."""
+def _gathered_live(engine: Any) -> dict[str, Tensor]:
+    """The full live weights of a ZeRO-3 model, in float64 (a collective)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params), torch.no_grad():
+        return {n: p.detach().double().clone() for n, p in engine.module.named_parameters()}
+
+
+def zero3(rank: int, world: int, folder: Path, bf16: bool = False) -> dict[str, Any]:
+    """Train under ZeRO-3 with an EMA; return errors against the float64 oracles.
+
+    With ``bf16`` the model trains in bfloat16 (fp32 shadow): the float64
+    training oracle no longer applies, but the EMA of the gathered live
+    weights does.
+    """
     import deepspeed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
@@ -71,18 +85,24 @@ def zero3(rank: int, world: int, folder: Path) -> dict[str, Any]:
         },
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default; the oracle does not
+        "bf16": {"enabled": bf16},
     }
+    dtype = torch.bfloat16 if bf16 else torch.float32
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config
     )
     ema = EMA(engine.module, DECAY)
+    live_ema = _gathered_live(engine)  # the EMA of the weights ZeRO-3 really holds
     part = GLOBAL_BATCH // world
     for step in range(STEPS):
         x, y = batch(step)
         mine = slice(rank * part, (rank + 1) * part)
-        engine.backward(_loss(engine(x[mine]), y[mine]))
+        engine.backward(_loss(engine(x[mine].to(dtype)).float(), y[mine]))
         engine.step()
         ema.update()
+        with torch.no_grad():
+            for n, p in _gathered_live(engine).items():
+                live_ema[n].lerp_(p, 1 - DECAY)
         ref_opt.zero_grad()
         _loss(ref(x.double()), y.double()).backward()
         ref_opt.step()
@@ -92,6 +112,8 @@ def zero3(rank: int, world: int, folder: Path) -> dict[str, Any]:
 
     full = gathered_shadow(ema)
     result: dict[str, Any] = {
+        "shadow_dtype": str(next(iter(full.values())).dtype),
+        "live_ema_err": _max_err(full, live_ema),
         "ref_err": _max_err(full, ref_ema),
         "numel": ema._shadow.numel(),
         "full_numel": sum(p.numel() for p in ref.parameters()),
@@ -99,18 +121,19 @@ def zero3(rank: int, world: int, folder: Path) -> dict[str, Any]:
 
     # Swap: the forward must use the average, and the live weights must come back.
     x, _ = batch(STEPS)
-    ema_model = copy.deepcopy(ref)
-    ema_model.load_state_dict(ref_ema)
+    ema_model = make_model().to(dtype)  # the forward in the model's dtype, with the average
+    ema_model.load_state_dict({n: t.to(dtype) for n, t in live_ema.items()})
     engine.eval()
     with torch.no_grad():
-        live_out = engine(x)
+        x = x.to(dtype)
+        live_out = engine(x).double()
         with ema.applied():
-            ema_out = engine(x)
-        after_out = engine(x)
-        result["swap_err"] = float((ema_out.double() - ema_model(x.double())).abs().max())
+            ema_out = engine(x).double()
+        after_out = engine(x).double()
+        result["swap_err"] = float((ema_out - ema_model(x).double()).abs().max())
         result["swap_changed"] = float((ema_out - live_out).abs().max())
         result["restore_err"] = float((after_out - live_out).abs().max())
-        result["live_err"] = float((live_out.double() - ref(x.double())).abs().max())
+        result["live_err"] = float((live_out - ref(x.double())).abs().max())
 
     # Checkpoints: per-rank partitions, and full tensors that load at any world size.
     partitions = ema.state_dict()
@@ -126,7 +149,7 @@ def zero3(rank: int, world: int, folder: Path) -> dict[str, Any]:
     third = EMA(engine.module, DECAY)
     load_gathered_state_dict(third, from_file)
     result["gathered_roundtrip_err"] = _max_err(gathered_shadow(third), full)
-    plain = EMA(copy.deepcopy(make_model()), DECAY)  # unsharded, float32
+    plain = EMA(make_model().to(dtype), DECAY)  # unsharded
     plain.load_state_dict(from_file)
-    result["plain_err"] = _max_err(dict(plain.shadow), ref_ema)
+    result["plain_err"] = _max_err(dict(plain.shadow), full)
     return result
