@@ -46,6 +46,8 @@ __all__ = [
     "distribute_like",
     "full_shadow",
     "is_dtensor",
+    "is_sharded",
+    "is_zero3",
     "load_consolidated",
     "load_dcp",
     "local",
@@ -73,12 +75,48 @@ def is_dtensor(t: object) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
+def is_zero3(t: object) -> bool:
+    """Whether ``t`` is a DeepSpeed ZeRO-3 parameter (it carries its partition in ``ds_tensor``).
+
+    Recognized by that attribute, so this module never imports DeepSpeed.
+    """
+    return isinstance(t, Tensor) and getattr(t, "ds_tensor", None) is not None
+
+
+def is_sharded(t: object) -> bool:
+    """Whether ``t`` is a parameter stored as per-rank shards (FSDP2 ``DTensor``, ZeRO-3)."""
+    return is_dtensor(t) or is_zero3(t)
+
+
 def local(t: Tensor) -> Tensor:
-    """This rank's local shard of a ``DTensor``; any other tensor unchanged (no copy)."""
+    """This rank's shard: a ``DTensor``'s local tensor, a ZeRO-3 parameter's partition.
+
+    Any other tensor is returned unchanged. No copy in any case.
+    """
     if is_dtensor(t):
         with torch.no_grad():  # to_local() without grad is the stored local tensor itself
             return t.to_local()  # type: ignore[attr-defined, no-any-return]
+    if is_zero3(t):
+        return _zero3_partition(t)
     return t
+
+
+def _zero3_partition(t: Tensor) -> Tensor:
+    """The elements of a ZeRO-3 parameter that this rank's partition holds, without padding.
+
+    ZeRO-3 keeps the weights in the flat partition ``ds_tensor`` (``t.data`` is
+    empty outside forward, or a gathered copy). Rank ``r`` holds elements
+    ``[r n, (r + 1) n)`` of the flattened parameter padded to ``world * n``;
+    the padding is never written, may hold anything (NaN in bfloat16), and
+    must stay out of the average and its finiteness checks.
+    """
+    import torch.distributed as dist
+
+    part: Tensor = t.ds_tensor  # type: ignore[attr-defined]
+    n = part.numel()
+    rank = dist.get_rank(getattr(t, "ds_process_group", None))
+    valid = max(0, min(n, int(t.ds_numel) - rank * n))  # type: ignore[attr-defined]
+    return part if valid == n else part.narrow(0, 0, valid)
 
 
 def wrap_like(view: Tensor, like: Tensor) -> Tensor:
@@ -132,8 +170,11 @@ def any_across_ranks(flags: Tensor, like: Tensor) -> Tensor:
     """
     import torch.distributed as dist
 
-    mesh = like.device_mesh  # type: ignore[attr-defined]
-    group = mesh.get_group() if mesh.ndim == 1 else None
+    if is_dtensor(like):
+        mesh = like.device_mesh  # type: ignore[attr-defined]
+        group = mesh.get_group() if mesh.ndim == 1 else None
+    else:  # ZeRO-3: the group its parameters are partitioned over
+        group = getattr(like, "ds_process_group", None)
     as_int = flags.to(device=local(like).device, dtype=torch.int32)
     dist.all_reduce(as_int, op=dist.ReduceOp.MAX, group=group)
     return as_int.cpu().bool()
@@ -146,6 +187,11 @@ def reshard(model: nn.Module) -> None:
     (it skips resharding the root, expecting a backward); until resharded, the
     module holds full tensors and a later forward reuses them without a new
     all-gather. The EMA calls this before swapping in and out.
+
+    DeepSpeed ZeRO-3 likewise keeps some parameters gathered outside forward
+    (small "persistent" ones, all of them after an evaluation forward): their
+    full copies are released, so that the next forward gathers them again from
+    the partitions, where the EMA swaps its average in.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
@@ -154,6 +200,14 @@ def reshard(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+    gathered = [
+        p
+        for p in model.parameters()
+        if is_zero3(p) and getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE"
+    ]
+    if gathered:
+        # Local only (no collective): drops the full copy, keeps the partition.
+        gathered[0].partition(gathered)  # type: ignore[attr-defined]
 
 
 def shadow_nbytes(ema: EMA) -> int:

@@ -18,6 +18,8 @@ holds this rank's local shards only, and :attr:`Shadow.tensors` wraps each view
 in a ``DTensor`` with the parameter's mesh and placements. Updates touch local
 shards only (no communication). Such parameters swap by *copy* into their local
 shard, since FSDP2 all-gathers from its own shard storage and ignores ``.data``.
+DeepSpeed ZeRO-3 parameters are handled the same way, their partition
+``ds_tensor`` playing the local shard (see :func:`emaweights.distributed.local`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from torch import Tensor
 
 from emaweights import functional as F
 from emaweights._naming import Entry
-from emaweights.distributed import any_across_ranks, distribute_like, is_dtensor, local, wrap_like
+from emaweights.distributed import (
+    any_across_ranks,
+    distribute_like,
+    is_sharded,
+    local,
+    wrap_like,
+)
 
 __all__ = ["Rounding", "Shadow", "SwapRecord", "shadow_dtype_for"]
 
@@ -113,7 +121,7 @@ def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> 
         params=[e.get() for e in entries[:n_params]],
         buffers=entries[n_params:],
     )
-    group.sharded = any(is_dtensor(p) for p in group.params)
+    group.sharded = any(is_sharded(p) for p in group.params)
     if sdev != group.live_device:
         # Allocated once; pinned when it receives copies from an accelerator, so
         # that the device-to-host copies can run asynchronously.
@@ -534,10 +542,10 @@ class Shadow:
         return any_across_ranks(flags, like)
 
     def _a_sharded_param(self) -> Tensor | None:
-        """A live DTensor parameter (its mesh carries the cross-rank checks), if any."""
+        """A live sharded parameter (it names the group of the cross-rank checks), if any."""
         for g in self.averaged + self.copied:
             for p in g.params:
-                if is_dtensor(p):
+                if is_sharded(p):
                     return p
         return None
 
@@ -551,8 +559,9 @@ class Shadow:
         for g in self.averaged + self.copied:
             for e, v in zip(g.entries, g.views, strict=True):
                 live = e.get()
-                if e.kind == "param" and is_dtensor(live):
-                    # FSDP2 all-gathers from its shard storage: copy into it, keep the live shard.
+                if e.kind == "param" and is_sharded(live):
+                    # FSDP2 and ZeRO-3 all-gather from their shard storage: copy into it, keep
+                    # the live shard.
                     shard = local(live)
                     held.append((e, shard.clone()))
                     shard.copy_(v)
@@ -582,7 +591,7 @@ class Shadow:
             if t._version != ver
         ]
         for e, old in record.held:
-            if e.kind == "param" and is_dtensor(live := e.get()):
+            if e.kind == "param" and is_sharded(live := e.get()):
                 with torch.no_grad():
                     local(live).copy_(old)
             elif e.kind == "param":

@@ -11,6 +11,8 @@ Each adapter is a module of its own and is imported only when asked for, so
   (``pip install 'emaweights[accelerate]'``).
 * :mod:`emaweights.integrations.peft`: export averaged LoRA/PEFT adapters in
   the adapter's own format (``pip install 'emaweights[peft]'``).
+* :mod:`emaweights.integrations.deepspeed`: full-tensor state dicts for an
+  EMA on DeepSpeed ZeRO-3 partitions (``pip install 'emaweights[deepspeed]'``).
 
 All of them share the same guarantees: the average is updated once per
 optimizer step (never per micro-batch under gradient accumulation), evaluation
