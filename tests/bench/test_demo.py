@@ -78,3 +78,10 @@ def test_duplicate_method_names_refused() -> None:
             0,
             make_methods=lambda spe, total: [EMAMethod(0.9), EMAMethod(0.9)],
         )
+
+
+def test_bad_workers_flag_named(tmp_path: Path) -> None:
+    """`--workers 0` is refused with a message naming the value; nothing is written."""
+    with pytest.raises(SystemExit, match="--workers must be >= 1, got 0"):
+        main(["--quick", "--workers", "0", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

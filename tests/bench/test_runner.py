@@ -63,3 +63,26 @@ def test_default_methods_refuse_zero_steps() -> None:
     """default_methods refuses a step count of zero, naming it."""
     with pytest.raises(ValueError, match="total_steps=0"):
         default_methods(1, 0)
+
+
+def test_workers_give_the_serial_numbers_in_order() -> None:
+    """run(workers=2) returns the same results, in the same order, as a one-thread serial run."""
+    tasks = [digits_task("permuted"), digits_task("class_split")]
+    cfg = Config(seeds=(0, 1), pretrain_epochs=2, finetune_epochs=2)
+    labels: list[str] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = run(tasks, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = run(tasks, cfg, progress=labels.append, workers=2)
+    assert [r.to_dict() for r in parallel] == [r.to_dict() for r in serial]
+    assert sorted(labels) == sorted(f"{r.task} seed {r.seed}" for r in serial)
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_bad_workers_named(workers: object) -> None:
+    """A worker count that is not a positive integer is refused, naming the value."""
+    with pytest.raises(ValueError, match=f"workers must be a positive integer, got {workers!r}"):
+        run([digits_task("permuted")], TINY, workers=workers)  # type: ignore[arg-type]

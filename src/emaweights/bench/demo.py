@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
     p.add_argument("--shifts", nargs="+", choices=SHIFTS, default=list(SHIFTS))
     p.add_argument("--quick", action="store_true", help="2 seeds, 2 shifts, shorter training")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes to run the fine-tuning runs in (default: one per CPU core, at most 8); "
+        "the numbers do not depend on it",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return p
@@ -39,6 +47,8 @@ def config_for(args: argparse.Namespace) -> tuple[Config, tuple[str, ...]]:
     """The benchmark configuration and shifts selected by the command-line flags."""
     if args.seeds < 1:
         raise SystemExit(f"emaweights demo: --seeds must be >= 1, got {args.seeds}")
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"emaweights demo: --workers must be >= 1, got {args.workers}")
     if args.quick:
         cfg = Config(seeds=tuple(range(min(args.seeds, 2))), pretrain_epochs=15, finetune_epochs=5)
         return cfg, tuple(args.shifts[:2])
@@ -57,6 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)  # main() may be called in-process (tests)
 
 
+def _cores() -> int:
+    """CPU cores this process may use (its affinity where the OS tells), at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
 def _run(args: argparse.Namespace, cfg: Config, shifts: tuple[str, ...]) -> int:
     tasks = digits_tasks(shifts)
     total = len(tasks) * len(cfg.seeds)
@@ -72,7 +91,8 @@ def _run(args: argparse.Namespace, cfg: Config, shifts: tuple[str, ...]) -> int:
             bar.set_postfix_str(label)
             bar.update(1)
 
-    results = run(tasks, cfg, progress=advance)
+    workers = min(args.workers or _cores(), total)
+    results = run(tasks, cfg, progress=advance, workers=workers)
     if bar is not None:
         bar.close()
     rows = summarize(results)
@@ -88,7 +108,8 @@ def _run(args: argparse.Namespace, cfg: Config, shifts: tuple[str, ...]) -> int:
     per_task = ", ".join(f"{t} {n}" for t, n in steps.items())
     print(
         f"{total} runs ({len(shifts)} shifts x {len(cfg.seeds)} seeds; fine-tuning steps T: "
-        f"{per_task}) in {elapsed:.1f} s; wrote " + ", ".join(str(p) for p in written)
+        f"{per_task}) in {elapsed:.1f} s with {workers} worker(s); wrote "
+        + ", ".join(str(p) for p in written)
     )
     return 0
 

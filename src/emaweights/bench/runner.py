@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -372,21 +374,90 @@ def run(
     make_methods: MethodFactory = default_methods,
     make_model: ModelFactory = _default_model,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> list[RunResult]:
     """Run every (task, seed) pair; ``progress`` is called after each with a label.
 
     Tasks with the same old-task training data (the pixel shifts of
     ``load_digits`` all share task A) share the pre-trained model of a seed:
     pre-training is deterministic for the seed, so this only saves time.
+
+    Args:
+        tasks: the task pairs.
+        cfg: the training set-up.
+        make_methods: builds the methods of one run (with ``workers > 1`` it
+            must be picklable: a module-level function, not a lambda).
+        make_model: builds the untrained model (picklable likewise).
+        progress: called with a ``"task seed N"`` label after each run.
+        workers: processes to spread the runs over. Each worker computes on one
+            thread, so the results equal those of ``workers=1`` under
+            ``torch.set_num_threads(1)`` digit for digit, in the same order.
+
+    Raises:
+        ValueError: ``workers`` is not a positive integer.
     """
-    results = []
-    pretrained: dict[tuple[str, int, int, int], dict[str, Tensor]] = {}
-    for task in tasks:
-        for seed in cfg.seeds:
-            key = (_fingerprint(task.a), task.num_features, task.num_classes, seed)
-            if key not in pretrained:
-                pretrained[key] = state_of(pretrain(task, cfg, seed, make_model))
-            results.append(run_one(task, cfg, seed, make_methods, make_model, pretrained[key]))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    jobs = [(task, seed) for task in tasks for seed in cfg.seeds]
+    keys = {id(task): _fingerprint(task.a) for task in tasks}
+
+    def key(task: TaskPair, seed: int) -> tuple[str, int, int, int]:
+        return (keys[id(task)], task.num_features, task.num_classes, seed)
+
+    if workers == 1:
+        results = []
+        pretrained: dict[tuple[str, int, int, int], dict[str, Tensor]] = {}
+        for task, seed in jobs:
+            k = key(task, seed)
+            if k not in pretrained:
+                pretrained[k] = state_of(pretrain(task, cfg, seed, make_model))
+            results.append(run_one(task, cfg, seed, make_methods, make_model, pretrained[k]))
             if progress is not None:
                 progress(f"{task.name} seed {seed}")
-    return results
+        return results
+    return _run_parallel(jobs, key, cfg, make_methods, make_model, progress, workers)
+
+
+def _run_parallel(
+    jobs: Sequence[tuple[TaskPair, int]],
+    key: Callable[[TaskPair, int], tuple[str, int, int, int]],
+    cfg: Config,
+    make_methods: MethodFactory,
+    make_model: ModelFactory,
+    progress: Callable[[str], None] | None,
+    workers: int,
+) -> list[RunResult]:
+    """:func:`run` over a process pool: pre-train each distinct model, then fine-tune."""
+    # spawn, not fork: a forked child inherits the parent's OpenMP thread pool
+    # in an undefined state and can hang in its first parallel kernel.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_thread) as pool:
+        # one pre-training job per distinct (task A, seed)
+        first: dict[tuple[str, int, int, int], tuple[TaskPair, int]] = {}
+        for task, seed in jobs:
+            first.setdefault(key(task, seed), (task, seed))
+        pre = {
+            k: pool.submit(_pretrained_state, task, cfg, seed, make_model)
+            for k, (task, seed) in first.items()
+        }
+        theta0 = {k: f.result() for k, f in pre.items()}
+        futures = [
+            pool.submit(run_one, task, cfg, seed, make_methods, make_model, theta0[key(task, seed)])
+            for task, seed in jobs
+        ]
+        for done in as_completed(futures):
+            r = done.result()
+            if progress is not None:
+                progress(f"{r.task} seed {r.seed}")
+        return [f.result() for f in futures]
+
+
+def _one_thread() -> None:
+    """Worker initializer: tiny models, and several workers share the cores."""
+    torch.set_num_threads(1)
+
+
+def _pretrained_state(
+    task: TaskPair, cfg: Config, seed: int, make_model: ModelFactory
+) -> dict[str, Tensor]:
+    return state_of(pretrain(task, cfg, seed, make_model))
