@@ -86,3 +86,11 @@ def test_bad_workers_named(workers: object) -> None:
     """A worker count that is not a positive integer is refused, naming the value."""
     with pytest.raises(ValueError, match=f"workers must be a positive integer, got {workers!r}"):
         run([digits_task("permuted")], TINY, workers=workers)  # type: ignore[arg-type]
+
+
+def test_failed_run_in_a_worker_is_raised() -> None:
+    """An exception in a worker reaches the caller of run(workers=2): no hang, no partial list."""
+    bad = digits_task("permuted")
+    bad = type(bad)(bad.name, bad.a, bad.b, bad.num_features + 1, bad.num_classes)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run([bad], Config(seeds=(0, 1), pretrain_epochs=1, finetune_epochs=1), workers=2)

@@ -392,6 +392,8 @@ def run(
         workers: processes to spread the runs over. Each worker computes on one
             thread, so the results equal those of ``workers=1`` under
             ``torch.set_num_threads(1)`` digit for digit, in the same order.
+            Workers are spawned, so a script calling this must do so under
+            ``if __name__ == "__main__":``, as with any multiprocessing code.
 
     Raises:
         ValueError: ``workers`` is not a positive integer.
@@ -445,10 +447,15 @@ def _run_parallel(
             pool.submit(run_one, task, cfg, seed, make_methods, make_model, theta0[key(task, seed)])
             for task, seed in jobs
         ]
-        for done in as_completed(futures):
-            r = done.result()
-            if progress is not None:
-                progress(f"{r.task} seed {r.seed}")
+        try:
+            for done in as_completed(futures):
+                r = done.result()
+                if progress is not None:
+                    progress(f"{r.task} seed {r.seed}")
+        except BaseException:
+            for f in futures:  # a failed run (or Ctrl-C) ends the benchmark now
+                f.cancel()
+            raise
         return [f.result() for f in futures]
 
 
