@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -149,3 +151,33 @@ def test_stochastic_rounding_tracks_exact_average() -> None:
     se = (steps**0.5 * 2**-7) / n**0.5
     assert abs(sr.double().mean().item() - exact) < 5 * se
     assert torch.equal(rn, start)  # round-to-nearest never moves: the failure SR fixes
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
+@pytest.mark.parametrize("size", [2, 1000, 70_001])
+def test_compiled_matches_float64(size: int) -> None:
+    """The compiled fused mixed-dtype update equals the float64 formula at any size and weight."""
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(size, generator=g)
+    source = torch.randn(size, generator=g).bfloat16()
+    weight = torch.tensor(0.0)
+    for w in (0.1, 0.7):  # both branches of lerp's formula; a new weight must not be stale
+        ref = target.double() + w * (source.double() - target.double())
+        F.lerp_compiled_(target, source, weight.fill_(w))
+        torch.testing.assert_close(target.double(), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_rejects_bad_input() -> None:
+    """lerp_compiled_ refuses 2-D, unequal, non-contiguous tensors and a float weight, by value."""
+    t, w = torch.zeros(6), torch.tensor(0.5)
+    with pytest.raises(ValueError, match=r"\(2, 3\)"):
+        F.lerp_compiled_(t.view(2, 3), t.view(2, 3), w)
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        F.lerp_compiled_(t, torch.zeros(5), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        F.lerp_compiled_(torch.zeros(12)[::2], t, w)
+    with pytest.raises(ValueError, match=r"0\.5"):
+        F.lerp_compiled_(t, t, 0.5)  # type: ignore[arg-type]

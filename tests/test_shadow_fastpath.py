@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -247,3 +248,67 @@ def test_update_allocates_nothing() -> None:
             ema.update()
         allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
         assert allocated == 0, (dtype, flat, allocated)
+
+
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
+
+
+@needs_cxx
+def test_compiled_path_matches_float64_and_staged_path() -> None:
+    """compiled=True (bf16 model, flat parameters) matches a float64 EMA and the staged path."""
+    base = mlp(torch.bfloat16, batchnorm=True)
+    compiled, eager = copy.deepcopy(base), copy.deepcopy(base)
+    flatten_parameters(compiled)
+    flatten_parameters(eager)
+    ema_c = _run(compiled, 6, compiled=True)
+    ema_e = _run(eager, 6)
+    assert _kinds(ema_c) == ["compiled"] and _kinds(ema_e) == ["staged"]
+    ref = _float64_ema(copy.deepcopy(base), 6, 0.9, torch.bfloat16)
+    for name, r in ref.items():
+        torch.testing.assert_close(ema_c.shadow[name].double(), r, rtol=1e-5, atol=1e-6)
+        # one rounding per step may differ (a fused multiply-add): a few ulps after 6 steps
+        torch.testing.assert_close(ema_c.shadow[name], ema_e.shadow[name], rtol=1e-6, atol=1e-6)
+
+
+@needs_cxx
+def test_compiled_update_allocates_nothing_and_resumes_exactly() -> None:
+    """The compiled update allocates nothing, and a state reloaded into it continues bit for bit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = mlp(torch.bfloat16, batchnorm=True)
+    flatten_parameters(model)
+    ema = EMA(model, 0.9, compiled=True)
+    ema.update()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        ema.update()
+    assert sum(max(e.self_cpu_memory_usage, 0) for e in prof.events()) == 0
+    state = copy.deepcopy(ema.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    resumed = EMA(model, 0.9, compiled=True)
+    resumed.load_state_dict(state)
+    for s in range(3):
+        train_step(model, opt, seed=s)
+        ema.update()
+        resumed.update()
+    for name, t in ema.shadow.items():
+        assert torch.equal(resumed.shadow[name], t), name
+
+
+def test_compiled_refused_where_it_cannot_run() -> None:
+    """compiled=True without flat parameters, with stochastic rounding or foreach=False: why."""
+    with pytest.raises(ValueError, match="flatten_parameters"):
+        EMA(mlp(torch.bfloat16), 0.9, compiled=True)
+    flat = mlp(torch.bfloat16)
+    flatten_parameters(flat)
+    with pytest.raises(ValueError, match="rounding='nearest', got 'stochastic'"):
+        EMA(flat, 0.9, dtype=torch.bfloat16, rounding="stochastic", compiled=True)
+    with pytest.raises(ValueError, match="foreach=False"):
+        EMA(flat, 0.9, foreach=False, compiled=True)
+    with pytest.raises(TypeError, match="'yes'"):
+        EMA(flat, 0.9, compiled="yes")  # type: ignore[arg-type]
+    fp32 = EMA(mlp(), 0.9, compiled=True)  # same dtype: nothing to compile, eager lists
+    fp32.update()
+    assert _kinds(fp32) == ["lists"]

@@ -108,6 +108,15 @@ class EMA:
             average: evaluation, ``shadow``, ``state_dict``, ``copy_to``) waits
             for it, normally long finished, and averages. The numbers are those
             of ``overlap=False``; only the host no longer waits for the copy.
+        compiled: update an fp32 shadow of a low-precision model (bf16/fp16)
+            with one kernel compiled by ``torch.compile``, which fuses the cast
+            into the update (about 85% of the bandwidth roofline on a CPU, where
+            the eager path reaches about 55%). Needs the parameters flattened
+            (:func:`~emaweights.flat.flatten_parameters`) and the shadow on
+            the model's device; the first update compiles (seconds; a CPU needs
+            a C++ compiler). Results may differ from the eager path's in the
+            last bit. No effect on groups whose shadow has the model's dtype
+            (their eager update is already at the roofline).
 
     Raises:
         ValueError: an argument is out of range (the message names the value),
@@ -132,6 +141,7 @@ class EMA:
         nonfinite: NonFinitePolicy = "check",
         rounding: Rounding = "nearest",
         overlap: bool = False,
+        compiled: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -157,6 +167,9 @@ class EMA:
         if not isinstance(overlap, bool):
             raise TypeError(f"overlap must be a bool, got {overlap!r}")
         self._overlap = overlap
+        if not isinstance(compiled, bool):
+            raise TypeError(f"compiled must be a bool, got {compiled!r}")
+        self._compiled = compiled
         self._swap: SwapRecord | None = None
         self._hook: Any = None
         self.register()
@@ -185,6 +198,7 @@ class EMA:
             foreach=self._foreach,
             rounding=self._rounding,
             overlap=self._overlap,
+            compiled=self._compiled,
         )
         self.step = 0  # optimizer steps seen
         self.num_updates = 0  # averaging updates applied

@@ -24,6 +24,7 @@ DeepSpeed ZeRO-3 parameters are handled the same way, their partition
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -151,6 +152,27 @@ def _flat_run(tensors: Sequence[Tensor]) -> Tensor | None:
     return first.detach().as_strided((total,), (1,), first.storage_offset())
 
 
+def _params_run(g: _Group, live: Sequence[Tensor]) -> Tensor | None:
+    """The group's live parameters as one flat 1-D view, if they lie back to back."""
+    if g.staging is not None or not g.flat_is_views or not g.params:
+        return None
+    params = live[: len(g.params)]
+    if len(params) == 1:
+        return params[0].detach().view(-1) if params[0].is_contiguous() else None
+    return _flat_run(params)
+
+
+def _plain_alias(t: Tensor) -> Tensor:
+    """A 1-D tensor over the same memory as contiguous ``t`` that is not a view of another.
+
+    ``torch.compile`` specializes on how an input views its base: a flat run of
+    parameters is a view of the first parameter (another shape), and the kernel
+    compiled for such an input indexes it element by element (about 1.5x slower here).
+    """
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+
+
 def live_on_shadow_device(g: _Group, foreach: bool | None) -> list[Tensor]:
     """The group's live tensors where its shadow is (copied to staging if elsewhere)."""
     live = g.live()
@@ -202,6 +224,9 @@ class _Kernel:
     * mixed dtypes (fp32 shadow of a bf16 model) or stochastic rounding:
       chunks cast through a cache-sized staging buffer allocated once
       (:func:`emaweights.functional.lerp_staged_`), no full-size temporary.
+    * mixed dtypes with ``compiled`` and parameters back to back in one
+      storage: one compiled fused pass over the flat buffer
+      (:func:`emaweights.functional.lerp_compiled_`); buffers staged as above.
 
     A cross-device shadow first copies the live tensors into its staging
     tensors (pinned, asynchronous for CUDA to CPU), then runs the plan there.
@@ -211,12 +236,20 @@ class _Kernel:
     """
 
     def __init__(
-        self, g: _Group, *, foreach: bool | None, stochastic: bool, overlap: bool = False
+        self,
+        g: _Group,
+        *,
+        foreach: bool | None,
+        stochastic: bool,
+        overlap: bool = False,
+        compiled: bool = False,
     ) -> None:
         self.g = g
         self.foreach = foreach
         self.stochastic = stochastic
         self.overlap = overlap
+        # same dtype: the eager flat path is already at the roofline
+        self.compiled = compiled and g.flat.dtype != g.live_dtype
         self.pending: float | None = None  # weight of an update staged but not yet applied
         self.event: torch.cuda.Event | None = None  # marks the end of its copy
         self.key: list[int] = []
@@ -227,6 +260,7 @@ class _Kernel:
         self.batches: list[F.Batch] = []
         self.buffers: dict[str, Tensor] = {}
         self.direct = False  # the list path may call the foreach kernel directly
+        self.warned = False  # the compiled plan could not be used (warned once)
 
     def __call__(self, weight: float) -> None:
         if self.overlap and self.g.staging is not None:
@@ -275,6 +309,13 @@ class _Kernel:
             self.key = key
         if self.kind == "loop":
             F.ema_update_(g.views, live, weight, foreach=False)
+        elif self.kind == "compiled":
+            assert self.flat is not None  # set with this kind by _plan
+            w = self.buffers["weight"]
+            w.fill_(weight)
+            F.lerp_compiled_(self.flat[0], self.flat[1], w)
+            if self.batches:
+                F.lerp_staged_(self.batches, weight)
         elif self.kind == "staged":
             F.lerp_staged_(
                 self.batches,
@@ -294,7 +335,7 @@ class _Kernel:
         g = self.g
         self.flat, self.batches, self.direct = None, [], False
         n_params = len(g.params)
-        run = _flat_run(live[:n_params]) if g.staging is None and g.flat_is_views else None
+        run = _params_run(g, live)
         if run is not None:
             n = run.numel()
             pairs = [(g.flat[:n], run), *zip(g.views[n_params:], live[n_params:], strict=True)]
@@ -304,7 +345,21 @@ class _Kernel:
         contiguous = all(s.is_contiguous() for _, s in pairs)
         if self.foreach is False:
             self.kind = "loop"
+        elif self.compiled and run is not None and contiguous:
+            self.kind = "compiled"
+            self.flat = (_plain_alias(pairs[0][0]), _plain_alias(pairs[0][1]))
+            if "weight" not in self.buffers:
+                self.buffers["weight"] = torch.zeros((), dtype=torch.float32, device=g.flat.device)
+            if len(pairs) > 1:
+                self._plan_staged(pairs[1:])
         elif (mixed or self.stochastic) and contiguous:
+            if self.compiled and not self.warned:
+                self.warned = True
+                warnings.warn(
+                    "compiled=True: the parameters no longer lie back to back in one storage; "
+                    "this group falls back to the eager staged update (same numbers, slower)",
+                    stacklevel=2,
+                )
             self.kind = "staged"
             self._plan_staged(pairs)
         else:
@@ -318,7 +373,7 @@ class _Kernel:
 
     def _plan_staged(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         dev = self.g.flat.device
-        size = min(STAGING_ELEMENTS, self.g.flat.numel())
+        size = min(STAGING_ELEMENTS, sum(t.numel() for t, _ in pairs))
         if self.stochastic:
             if "work" not in self.buffers:
                 self.buffers = {
@@ -326,8 +381,8 @@ class _Kernel:
                     "work": torch.empty(size, dtype=torch.float32, device=dev),
                     "noise": torch.empty(size, dtype=torch.int32, device=dev),
                 }
-        elif "staging" not in self.buffers:
-            self.buffers = {"staging": torch.empty(size, dtype=self.g.flat.dtype, device=dev)}
+        elif "staging" not in self.buffers or self.buffers["staging"].numel() < size:
+            self.buffers["staging"] = torch.empty(size, dtype=self.g.flat.dtype, device=dev)
         self.batches = F.stage_batches(
             [t for t, _ in pairs], [s for _, s in pairs], self.buffers["staging"]
         )
@@ -353,6 +408,14 @@ class Shadow:
         rounding: ``"stochastic"`` for a stochastically rounded bfloat16 shadow.
         overlap: defer each update of a cross-device group by one step (see
             :class:`_Kernel`); every read of the shadow completes it first.
+        compiled: update mixed-dtype groups with the compiled fused kernel
+            (:func:`emaweights.functional.lerp_compiled_`); their parameters
+            must lie back to back in one storage
+            (:func:`emaweights.flat.flatten_parameters`) on the shadow's device.
+
+    Raises:
+        ValueError: a bad ``rounding``, or ``compiled`` where it cannot apply
+            (the message names the group and what to change).
 
     """
 
@@ -366,6 +429,7 @@ class Shadow:
         foreach: bool | None = None,
         rounding: Rounding = "nearest",
         overlap: bool = False,
+        compiled: bool = False,
     ) -> None:
         if rounding not in ("nearest", "stochastic"):
             raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
@@ -381,9 +445,15 @@ class Shadow:
         copied = [e for e in entries if e.kind == "copy_buffer"]
         self.averaged = self._build(averaged)
         self.copied = self._build(copied)
+        if compiled:
+            self._check_compilable(rounding)
         for g in self.averaged:
             g.kernel = _Kernel(
-                g, foreach=foreach, stochastic=rounding == "stochastic", overlap=overlap
+                g,
+                foreach=foreach,
+                stochastic=rounding == "stochastic",
+                overlap=overlap,
+                compiled=compiled,
             )
         self.local_tensors: dict[str, Tensor] = {
             e.name: v
@@ -395,6 +465,26 @@ class Shadow:
         self.tensors: dict[str, Tensor] = {
             n: wrap_like(v, self.entries[n].get()) for n, v in self.local_tensors.items()
         }
+
+    def _check_compilable(self, rounding: Rounding) -> None:
+        """Refuse ``compiled=True`` where the compiled kernel would not run."""
+        if rounding != "nearest":
+            raise ValueError(f"compiled=True needs rounding='nearest', got {rounding!r}")
+        if self.foreach is False:
+            raise ValueError("compiled=True and foreach=False contradict each other")
+        for g in self.averaged:
+            if g.flat.dtype == g.live_dtype:
+                continue  # same dtype: the eager flat/list paths serve it
+            if _params_run(g, g.live()) is None:
+                names = [e.name for e in g.entries[: len(g.params)]][:5]
+                raise ValueError(
+                    f"compiled=True needs the {g.live_dtype} parameters on {g.live_device} "
+                    f"back to back in one storage on the shadow's device (shadow "
+                    f"{g.flat.dtype} on {g.flat.device}), e.g. {names}: call "
+                    "emaweights.flat.flatten_parameters(model) before creating the EMA "
+                    "(and the optimizer), keep the shadow on the model's device, or pass "
+                    "compiled=False"
+                )
 
     def _build(self, entries: Sequence[Entry]) -> list[_Group]:
         buckets: dict[tuple[object, ...], list[Entry]] = {}
