@@ -312,3 +312,27 @@ def test_compiled_refused_where_it_cannot_run() -> None:
     fp32 = EMA(mlp(), 0.9, compiled=True)  # same dtype: nothing to compile, eager lists
     fp32.update()
     assert _kinds(fp32) == ["lists"]
+
+
+@needs_cxx
+def test_compiled_falls_back_with_a_warning_when_parameters_move() -> None:
+    """A parameter re-pointed out of the flat buffer: compiled=True warns, stages, stays exact."""
+    base = mlp(torch.bfloat16)
+    model = copy.deepcopy(base)
+    flatten_parameters(model)
+    ema = EMA(model, 0.9, compiled=True)
+    ema.update()
+    first = next(model.parameters())
+    first.data = first.data.clone()  # no longer inside the flat buffer
+    with torch.no_grad():
+        first.add_(1.0)
+    with pytest.warns(UserWarning, match="falls back to the eager staged update"):
+        ema.update()
+    assert _kinds(ema) == ["staged"]
+    ref = EMA(copy.deepcopy(base), 0.9, foreach=False)
+    ref.update()
+    with torch.no_grad():
+        next(ref.model.parameters()).add_(1.0)
+    ref.update()
+    for name, t in ref.shadow.items():
+        torch.testing.assert_close(ema.shadow[name], t, rtol=1e-6, atol=1e-6)
