@@ -75,6 +75,24 @@ def test_fast_paths_match_loop(dtype: torch.dtype) -> None:
             torch.testing.assert_close(ema.shadow[name], t, **tol)
 
 
+def _move_first_out_of_flat(model: nn.Module) -> None:
+    """Re-point the first parameter to its own storage and change it."""
+    first = next(model.parameters())
+    first.data = first.data.clone()  # no longer inside the flat buffer
+    with torch.no_grad():
+        first.add_(1.0)
+
+
+def _loop_reference_after_move(base: nn.Module) -> EMA:
+    """The per-tensor EMA of ``base`` over the same two updates, first parameter +1 between."""
+    ref = EMA(copy.deepcopy(base), 0.9, foreach=False)
+    ref.update()
+    with torch.no_grad():
+        next(ref.model.parameters()).add_(1.0)
+    ref.update()
+    return ref
+
+
 def test_moved_parameter_replans() -> None:
     """A parameter re-pointed after the EMA was built drops the flat path, not the numbers."""
     base = mlp()
@@ -83,18 +101,10 @@ def test_moved_parameter_replans() -> None:
     ema = EMA(model, 0.9)
     ema.update()
     assert _kinds(ema) == ["flat"]
-    first = next(model.parameters())
-    first.data = first.data.clone()  # no longer inside the flat buffer
-    with torch.no_grad():
-        first.add_(1.0)
+    _move_first_out_of_flat(model)
     ema.update()
     assert _kinds(ema) == ["lists"]
-    ref = EMA(copy.deepcopy(base), 0.9, foreach=False)
-    ref.update()
-    with torch.no_grad():
-        next(ref.model.parameters()).add_(1.0)
-    ref.update()
-    for name, t in ref.shadow.items():
+    for name, t in _loop_reference_after_move(base).shadow.items():
         torch.testing.assert_close(ema.shadow[name], t, rtol=0, atol=0)
 
 
@@ -322,17 +332,9 @@ def test_compiled_falls_back_with_a_warning_when_parameters_move() -> None:
     flatten_parameters(model)
     ema = EMA(model, 0.9, compiled=True)
     ema.update()
-    first = next(model.parameters())
-    first.data = first.data.clone()  # no longer inside the flat buffer
-    with torch.no_grad():
-        first.add_(1.0)
+    _move_first_out_of_flat(model)
     with pytest.warns(UserWarning, match="falls back to the eager staged update"):
         ema.update()
     assert _kinds(ema) == ["staged"]
-    ref = EMA(copy.deepcopy(base), 0.9, foreach=False)
-    ref.update()
-    with torch.no_grad():
-        next(ref.model.parameters()).add_(1.0)
-    ref.update()
-    for name, t in ref.shadow.items():
+    for name, t in _loop_reference_after_move(base).shadow.items():
         torch.testing.assert_close(ema.shadow[name], t, rtol=1e-6, atol=1e-6)
