@@ -136,7 +136,7 @@ def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> 
 
 def _flat_run(tensors: Sequence[Tensor]) -> Tensor | None:
     """One 1-D view covering ``tensors`` if they lie back to back in one storage, else ``None``."""
-    if len(tensors) < 2:
+    if not tensors:
         return None
     first = tensors[0]
     storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
@@ -154,12 +154,9 @@ def _flat_run(tensors: Sequence[Tensor]) -> Tensor | None:
 
 def _params_run(g: _Group, live: Sequence[Tensor]) -> Tensor | None:
     """The group's live parameters as one flat 1-D view, if they lie back to back."""
-    if g.staging is not None or not g.flat_is_views or not g.params:
+    if g.staging is not None or not g.flat_is_views:
         return None
-    params = live[: len(g.params)]
-    if len(params) == 1:
-        return params[0].detach().view(-1) if params[0].is_contiguous() else None
-    return _flat_run(params)
+    return _flat_run(live[: len(g.params)])
 
 
 def _plain_alias(t: Tensor) -> Tensor:

@@ -412,7 +412,7 @@ def run(
         for task, seed in jobs:
             k = key(task, seed)
             if k not in pretrained:
-                pretrained[k] = state_of(pretrain(task, cfg, seed, make_model))
+                pretrained[k] = _pretrained_state(task, cfg, seed, make_model)
             results.append(run_one(task, cfg, seed, make_methods, make_model, pretrained[k]))
             if progress is not None:
                 progress(f"{task.name} seed {seed}")
@@ -467,4 +467,5 @@ def _one_thread() -> None:
 def _pretrained_state(
     task: TaskPair, cfg: Config, seed: int, make_model: ModelFactory
 ) -> dict[str, Tensor]:
+    """The weights :func:`pretrain` gives (a module-level function: workers pickle it)."""
     return state_of(pretrain(task, cfg, seed, make_model))
