@@ -23,14 +23,19 @@ each file are in ``manifest.json``, not in file names.
 
 After training, :func:`reconstruct` finds the weights :math:`x` minimizing
 
-.. math:: \sum_m \Big(\sum_i x_i\, w_{\gamma_i}(m; n_i) - w_{\gamma^*}(m; n^*)\Big)^2
+.. math:: \Big\| \sum_i x_i\, p_{\gamma_i, n_i} - p_{\gamma^*, n^*} \Big\|_2 ,
+    \qquad p_{\gamma, n}(t) = \frac{(\gamma+1)\,t^\gamma}{n^{\gamma+1}} \text{ on } (0, n] ,
 
-over the *exact* discrete profiles of the saved snapshots (so the result is
-right whatever ``snapshot_every`` and ``update_every`` are), and returns
-:math:`\sum_i x_i\,\hat\theta_i`. The paper solves the same least-squares
-problem over continuous profiles; the discrete one is exact when the target
-profile lies in the span of the snapshots' (a target that was tracked directly
-is reproduced to rounding).
+with time counted in updates (so the result is right whatever
+``snapshot_every`` and ``update_every`` are), through the closed-form inner
+products of the profiles: an :math:`S \times S` solve for :math:`S`
+snapshots, whatever the number of updates. The discrete weight is exactly
+:math:`w_\gamma(m; n) = \int_{m-1}^{m} p_{\gamma,n}(t)\,dt`, so this norm
+bounds the error against the EMA it stands for (:func:`solve_weights`); a
+target that was tracked is reproduced to rounding. It returns
+:math:`\sum_i x_i\,\hat\theta_i`. Only steps at which snapshots were saved
+can be reconstructed: the updates after the last snapshot before any other
+step are in no file, and such a step is refused.
 
 A power-function EMA holds no weight on the starting weights: unlike an
 anchored :class:`~emaweights.EMA` it does not retain pre-trained knowledge by
@@ -41,6 +46,8 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,20 +55,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from emaweights.ema import EMA
+from emaweights.io import LoadError, atomic_write, load_safetensors
 from emaweights.multi import MultiEMA
 from emaweights.schedules import PowerFunction
 
 __all__ = [
+    "MAX_SNAPSHOTS",
     "PostHocEMA",
     "gamma_to_sigma_rel",
     "load_manifest",
     "power_profile",
+    "profile_error",
     "reconstruct",
     "sigma_rel_to_gamma",
+    "solve_weights",
 ]
 
 MANIFEST = "manifest.json"
 _FORMAT = "emaweights.posthoc"
+MAX_SNAPSHOTS = 4096
+"""Most snapshot entries a manifest may list (the solve's Gram matrix is 128 MiB then)."""
+_MAX_COUNT = 2**53  # counters above this are not exact in float64
+_MAX_MANIFEST_BYTES = 64 * 2**20
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -174,7 +190,6 @@ class PostHocEMA:
 
     def save_snapshot(self) -> None:
         """Save every average now, and rewrite the manifest."""
-        save_file = _safetensors().save_file
         self.directory.mkdir(parents=True, exist_ok=True)
         for gamma, ema in zip(self.gammas, self.multi.emas, strict=True):
             name = f"{len(self.snapshots):06d}.safetensors"
@@ -185,7 +200,7 @@ class PostHocEMA:
                 .contiguous()
                 for k, v in ema.shadow.items()
             }
-            save_file(tensors, str(self.directory / name))
+            _write_snapshot(self.directory / name, tensors, _snapshot_metadata(ema, gamma))
             self.snapshots.append(
                 {"file": name, "step": ema.step, "gamma": gamma, "num_updates": ema.num_updates}
             )
@@ -212,47 +227,245 @@ def _safetensors() -> Any:
     return safetensors.torch
 
 
+def _write_snapshot(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write one snapshot file atomically (temporary file, fsync, rename, folder fsync).
+
+    A process killed mid-save leaves the previous file (or none), never a torn one.
+    """
+    payload = _safetensors().save(tensors, metadata=metadata)
+    with atomic_write(path) as f:
+        f.write(payload)
+
+
+def _snapshot_metadata(ema: EMA, gamma: float) -> dict[str, str]:
+    """What the manifest says of a snapshot, kept in the file too (to recover a lost manifest)."""
+    return {"step": str(ema.step), "gamma": repr(gamma), "num_updates": str(ema.num_updates)}
+
+
+def _short(value: object) -> str:
+    """``repr`` cut to a bounded length: manifests are untrusted input."""
+    text = reprlib.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _regular_file(path: Path, what: str) -> Path:
+    """``path`` if it is a regular file (a FIFO or device would block a read)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from None
+    if not stat.S_ISREG(mode):
+        raise LoadError(f"{what} {str(path)!r} is not a regular file")
+    return path
+
+
+def _count(entry: dict[str, Any], key: str, where: str, low: int) -> int:
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _MAX_COUNT:
+        raise LoadError(f"{where}: {key} must be an int in [{low}, 2**53], got {_short(value)}")
+    return value
+
+
+def _snapshot_file(directory: Path, name: object, where: str) -> str:
+    """A snapshot ``file`` entry: a plain name whose file resolves inside ``directory``."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise LoadError(f"{where}: file must be a file name, got {_short(name)}")
+    if Path(name).name != name or name in (".", "..") or "\\" in name:
+        raise LoadError(f"{where}: file {_short(name)} is not a plain name inside the folder")
+    if (directory / name).resolve().parent != directory.resolve():
+        raise LoadError(f"{where}: file {_short(name)} links outside {str(directory)!r}")
+    return name
+
+
+def _snapshot_entry(directory: Path, entry: object, where: str) -> dict[str, Any]:
+    if not isinstance(entry, dict) or not {"file", "step", "gamma", "num_updates"} <= set(entry):
+        raise LoadError(f"{where}: malformed snapshot entry {_short(entry)}")
+    gamma = entry["gamma"]
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not -1 < gamma < 1e6:
+        raise LoadError(f"{where}: gamma must be a number in (-1, 1e6), got {_short(gamma)}")
+    step = _count(entry, "step", where, 0)
+    num_updates = _count(entry, "num_updates", where, 0)
+    if num_updates > step:
+        raise LoadError(f"{where}: num_updates={num_updates} exceeds step={step}")
+    file = _snapshot_file(directory, entry["file"], where)
+    return {"file": file, "step": step, "gamma": float(gamma), "num_updates": num_updates}
+
+
 def load_manifest(directory: str | Path) -> dict[str, Any]:
     """Read and validate ``manifest.json`` of a snapshot directory.
 
+    Every field is checked before anything is read or allocated: counters are
+    ints in range (``num_updates <= step``), ``update_every >= 1``, at most
+    ``MAX_SNAPSHOTS`` entries, and every ``file`` is a plain name inside
+    ``directory`` (no ``..``, no absolute path, no symlink out).
+
+    Returns:
+        The manifest, with its snapshot entries normalised.
+
     Raises:
         FileNotFoundError: no manifest in ``directory``.
-        ValueError: not a post-hoc EMA manifest, or a malformed entry.
+        emaweights.io.LoadError: not a post-hoc EMA manifest, or a field out of
+            range or of the wrong type (the message names it).
 
     """
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+    folder = Path(directory)
+    path = folder / MANIFEST
+    if not path.exists():
         raise FileNotFoundError(f"no {MANIFEST} in {str(directory)!r}: not a snapshot directory")
-    data = json.loads(path.read_text())
+    if _regular_file(path, "manifest").stat().st_size > _MAX_MANIFEST_BYTES:
+        raise LoadError(f"{path}: larger than {_MAX_MANIFEST_BYTES} bytes")
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, or nesting too deep
+        raise LoadError(f"{path} is not valid JSON: {_short(str(err))}") from None
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a post-hoc EMA manifest")
-    for s in data.get("snapshots", []):
-        if not {"file", "step", "gamma", "num_updates"} <= set(s):
-            raise ValueError(f"{path}: malformed snapshot entry {s!r}")
-    if not data.get("snapshots"):
-        raise ValueError(f"{path} lists no snapshot")
+        raise LoadError(f"{path} is not a post-hoc EMA manifest")
+    if data.get("version") != 1:
+        raise LoadError(f"{path}: unsupported version {_short(data.get('version'))}")
+    for key, low in (("snapshot_every", 1), ("update_every", 1), ("start_step", 0)):
+        _count(data, key, str(path), low)
+    entries = data.get("snapshots")
+    if not isinstance(entries, list) or not entries:
+        raise LoadError(f"{path}: snapshots must be a non-empty list, got {_short(entries)}")
+    if len(entries) > MAX_SNAPSHOTS:
+        raise LoadError(f"{path}: {len(entries)} snapshots, more than {MAX_SNAPSHOTS}")
+    data["snapshots"] = [
+        _snapshot_entry(folder, e, f"{path} snapshot {i}") for i, e in enumerate(entries)
+    ]
     return data
+
+
+def _inner(g_a: Tensor, n_a: Tensor, g_b: Tensor, n_b: Tensor) -> Tensor:
+    r"""Closed-form :math:`\langle p_a, p_b\rangle` of continuous power profiles.
+
+    With :math:`p(t) = (\gamma+1)\,t^\gamma / n^{\gamma+1}` on :math:`(0, n]`
+    and :math:`n_a \le n_b`,
+
+    .. math::
+        \langle p_a, p_b\rangle = \frac{(\gamma_a+1)(\gamma_b+1)}{(\gamma_a+\gamma_b+1)\,n_b}
+        \Big(\frac{n_a}{n_b}\Big)^{\gamma_b}
+
+    (written with the ratio :math:`\le 1` so that no power overflows).
+    """
+    short, long_ = torch.minimum(n_a, n_b), torch.maximum(n_a, n_b)
+    g_long = torch.where(n_a >= n_b, g_a, g_b)
+    return (g_a + 1) * (g_b + 1) / ((g_a + g_b + 1) * long_) * (short / long_) ** g_long
+
+
+def _profiles(snapshots: Sequence[tuple[float, int]]) -> tuple[Tensor, Tensor]:
+    if not 1 <= len(snapshots) <= MAX_SNAPSHOTS:
+        raise ValueError(f"need 1 to {MAX_SNAPSHOTS} snapshots, got {len(snapshots)}")
+    gammas = torch.tensor([float(g) for g, _ in snapshots], dtype=torch.float64)
+    counts = torch.tensor([float(n) for _, n in snapshots], dtype=torch.float64)
+    if not bool(((gammas > -1) & (gammas < 1e6)).all()) or not bool((counts >= 1).all()):
+        raise ValueError("every snapshot needs -1 < gamma < 1e6 and num_updates >= 1")
+    return gammas, counts
 
 
 def solve_weights(snapshots: Sequence[tuple[float, int]], gamma: float, num_updates: int) -> Tensor:
     r"""Least-squares coefficients :math:`x` combining snapshot profiles into a target.
 
+    Minimises :math:`\|\sum_i x_i p_i - p^*\|_2` over the continuous profiles
+    :math:`p(t) = (\gamma+1)\,t^\gamma / n^{\gamma+1}` on :math:`(0, n]` (time
+    in updates), through the :math:`S \times S` Gram matrix of their closed-form
+    inner products (:func:`_inner`): memory and time do not depend on the
+    number of updates. This is the norm that bounds the result: the discrete
+    weight :math:`w_\gamma(m; n)` is exactly :math:`\int_{m-1}^m p(t)\,dt`, so
+    an EMA is :math:`\int p(t)\,\theta_{\lceil t\rceil} dt` and a reconstruction
+    misses the target EMA by at most
+    :math:`\|\sum_i x_i p_i - p^*\|_2 \sqrt{\sum_m \theta_m^2}` per coordinate
+    (see :func:`profile_error`).
+
     Args:
-        snapshots: :math:`(\gamma_i, n_i)` of each snapshot.
+        snapshots: :math:`(\gamma_i, n_i)` of each snapshot, :math:`n_i \ge 1`.
         gamma: the target :math:`\gamma^*`.
-        num_updates: the target :math:`n^*`.
+        num_updates: the target :math:`n^* \ge 1`.
 
     Returns:
         float64 coefficients, one per snapshot.
 
+    Raises:
+        ValueError: an empty or too long list, or a profile out of range.
+
     """
-    length = max([num_updates, *(n for _, n in snapshots)])
-    basis = torch.stack([power_profile(g, n, length) for g, n in snapshots], dim=1)
-    target = power_profile(gamma, num_updates, length)
-    # lstsq on the profiles themselves, not the normal equations: the Gram
-    # matrix of nearby profiles is ill-conditioned.
-    solution: Tensor = torch.linalg.lstsq(basis, target.unsqueeze(1), driver="gelsd").solution
-    return solution.squeeze(1)
+    gammas, counts = _profiles(snapshots)
+    g_t, n_t = _target(gamma, num_updates)
+    gram = _inner(gammas[:, None], counts[:, None], gammas[None], counts[None])
+    rhs = _inner(gammas, counts, g_t, n_t)
+    # Equilibrate (unit diagonal), then a rank-revealing solve: profiles of
+    # nearby lengths are almost parallel, so the Gram matrix is near singular
+    # and the minimum-norm solution keeps the coefficients (and the snapshots'
+    # rounding they multiply) small.
+    scale = gram.diagonal().rsqrt()
+    scaled = gram * scale[:, None] * scale[None]
+    solution = torch.linalg.lstsq(scaled, (rhs * scale)[:, None], driver="gelsd").solution
+    x: Tensor = solution[:, 0] * scale
+    return x
+
+
+def _target(gamma: float, num_updates: int) -> tuple[Tensor, Tensor]:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not -1 < gamma < 1e6:
+        raise ValueError(f"gamma must be a number in (-1, 1e6), got {gamma!r}")
+    if isinstance(num_updates, bool) or not isinstance(num_updates, int) or num_updates < 1:
+        raise ValueError(f"num_updates must be an int >= 1, got {num_updates!r}")
+    return torch.tensor(float(gamma), dtype=torch.float64), torch.tensor(
+        float(num_updates), dtype=torch.float64
+    )
+
+
+def profile_error(
+    snapshots: Sequence[tuple[float, int]], gamma: float, num_updates: int, weights: Tensor
+) -> float:
+    r"""Relative error :math:`\|\sum_i x_i p_i - p^*\|_2 / \|p^*\|_2` of a solve.
+
+    0 when the target was tracked (it is one of the snapshots); the
+    reconstruction then equals the tracked EMA up to the snapshots' rounding.
+    """
+    gammas, counts = _profiles(snapshots)
+    g_t, n_t = _target(gamma, num_updates)
+    x = weights.to(torch.float64)
+    gram = _inner(gammas[:, None], counts[:, None], gammas[None], counts[None])
+    rhs = _inner(gammas, counts, g_t, n_t)
+    target = _inner(g_t, n_t, g_t, n_t)
+    squared = target - 2 * (x @ rhs) + x @ gram @ x
+    return math.sqrt(max(float(squared), 0.0) / float(target))
+
+
+def _snapshot_steps(entries: Sequence[dict[str, Any]]) -> str:
+    steps = sorted({int(s["step"]) for s in entries})
+    shown = ", ".join(map(str, steps[:5] + (["..."] if len(steps) > 6 else []) + steps[5:][-1:]))
+    return shown
+
+
+def _plan(manifest: dict[str, Any], step: int | None) -> tuple[int, list[dict[str, Any]], int]:
+    """The step, the snapshots used and the target update count, or a clear refusal."""
+    entries: list[dict[str, Any]] = manifest["snapshots"]
+    if step is None:
+        step = max(s["step"] for s in entries)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"step must be an int, got {_short(step)}")
+    at_step = {s["num_updates"] for s in entries if s["step"] == step}
+    if not at_step:
+        # The updates after the last snapshot before ``step`` are in no file:
+        # no combination can hold them (a fit would be off by tens of percent).
+        raise ValueError(
+            f"step {step} is not a snapshot step: a power EMA can be reconstructed only at "
+            f"a step where snapshots were saved ({_snapshot_steps(entries)})"
+        )
+    if len(at_step) > 1:
+        raise LoadError(f"snapshots at step {step} disagree on num_updates: {sorted(at_step)}")
+    num_updates = at_step.pop()
+    if num_updates < 1:
+        raise ValueError(f"no update was averaged by step {step}: nothing to reconstruct")
+    # Snapshots with no update hold only the starting weights, on which no
+    # power profile puts weight: they take no part.
+    used = [s for s in entries if s["step"] <= step and s["num_updates"] >= 1]
+    return step, used, num_updates
+
+
+def _load_snapshot(directory: Path, entry: dict[str, Any]) -> dict[str, Tensor]:
+    path = _regular_file((directory / entry["file"]).resolve(), "snapshot")
+    return load_safetensors(path)
 
 
 def reconstruct(
@@ -263,37 +476,36 @@ def reconstruct(
     Args:
         directory: a snapshot directory written by :class:`PostHocEMA`.
         sigma_rel: the wanted profile width.
-        step: the optimizer step (default: the last snapshot's); only
-            snapshots up to it are used.
+        step: a step at which snapshots were saved (default: the last);
+            only snapshots up to it are used. Any other step is refused: the
+            updates after the last snapshot before it are in no file.
 
     Returns:
         The averaged tensors by canonical name (float32, or the snapshots' dtype).
 
     Raises:
-        ValueError: ``sigma_rel`` out of range, or no snapshot at or before ``step``.
+        ValueError: ``sigma_rel`` out of range, or ``step`` not a snapshot step.
+        emaweights.io.LoadError: a malformed manifest (see :func:`load_manifest`),
+            or a snapshot that is not a safetensors file or does not match the others.
+        FileNotFoundError: no manifest, or a snapshot file missing.
 
     """
-    manifest = load_manifest(directory)
+    folder = Path(directory)
+    manifest = load_manifest(folder)
     gamma = sigma_rel_to_gamma(sigma_rel)
-    entries = manifest["snapshots"]
-    last = max(int(s["step"]) for s in entries)
-    step = last if step is None else step
-    used = [s for s in entries if int(s["step"]) <= step]
-    if not used:
-        raise ValueError(f"no snapshot at or before step {step!r} (first: {entries[0]['step']})")
-    start, every = int(manifest["start_step"]), int(manifest["update_every"])
-    num_updates = max(0, (step - start) // every)
-    x = solve_weights(
-        [(float(s["gamma"]), int(s["num_updates"])) for s in used], gamma, num_updates
-    )
-    load_file = _safetensors().load_file
+    _, used, num_updates = _plan(manifest, step)
+    x = solve_weights([(s["gamma"], s["num_updates"]) for s in used], gamma, num_updates)
     out: dict[str, Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    for coef, s in zip(x.tolist(), used, strict=True):
-        for name, t in load_file(str(Path(directory) / s["file"])).items():
+    layout: dict[str, tuple[torch.dtype, torch.Size]] = {}
+    for coef, entry in zip(x.tolist(), used, strict=True):
+        tensors = _load_snapshot(folder, entry)
+        found = {k: (v.dtype, v.shape) for k, v in tensors.items()}
+        if layout and found != layout:
+            raise LoadError(f"snapshot {entry['file']!r} holds other tensors than the first one")
+        layout = found
+        for name, t in tensors.items():
             if not t.is_floating_point():
                 out[name] = t  # integer buffers: the latest snapshot's
                 continue
-            dtypes[name] = t.dtype
             out[name] = out.get(name, torch.zeros(t.shape, dtype=torch.float64)) + coef * t.double()
-    return {k: v.to(dtypes[k]) if k in dtypes else v for k, v in out.items()}
+    return {k: v.to(layout[k][0]) for k, v in out.items()}
