@@ -1,4 +1,4 @@
-"""Tests of the closed-form post-hoc solve, reconstruction at every step, and CLI/Python agreement."""
+"""Tests of the closed-form post-hoc solve, reconstruction at every step, CLI == Python."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ G05, G10 = sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10)
 
 
 def _discrete_solve(snapshots: list[tuple[float, int]], gamma: float, n: int) -> torch.Tensor:
-    """The T x S least squares over the exact discrete profiles (the oracle; memory grows with T)."""
+    """The T x S least squares over the exact discrete profiles (oracle; memory grows with T)."""
     length = max([n, *(m for _, m in snapshots)])
     basis = torch.stack([power_profile(g, m, length) for g, m in snapshots], dim=1)
     target = power_profile(gamma, n, length)
@@ -72,7 +72,7 @@ def test_solve_is_scale_free_and_never_allocates_per_update() -> None:
 
 @pytest.mark.parametrize("sigma_rel", [0.03, 0.07, 0.15])
 def test_solve_fits_discrete_profiles_as_well_as_discrete_solve(sigma_rel: float) -> None:
-    """On a long run the closed-form fit of the discrete weights is within 2 % of the optimal one."""
+    """On a long run the closed-form fit of the discrete weights is within 2 % of the best."""
     snaps = [(g, 200 * k) for k in range(1, 11) for g in (G05, G10)]
     gamma = sigma_rel_to_gamma(sigma_rel)
     best = _discrete_residual(_discrete_solve(snaps, gamma, 2000), snaps, gamma, 2000)
@@ -91,7 +91,7 @@ def test_tracked_target_is_one_snapshot() -> None:
 
 
 def _run(directory: Path, steps: int, update_every: int, snapshot_every: int, extra: float):
-    """Train with a PostHocEMA and a direct float64 power EMA; record the direct EMA and iterates."""
+    """Train with a PostHocEMA and a direct float64 power EMA; record it and the iterates."""
     torch.manual_seed(0)
     model = mlp()
     tracker = PostHocEMA(model, directory, snapshot_every=snapshot_every, update_every=update_every)
@@ -124,7 +124,7 @@ def test_reconstruct_at_every_snapshot_step_matches_direct_ema(
 
 
 def test_untracked_error_within_profile_bound(tmp_path: Path) -> None:
-    """|reconstruction - direct EMA| <= profile error * ||p*|| * sqrt(sum_m theta_m^2) + rounding."""
+    """|reconstruction - direct EMA| <= profile error * ||p*|| * sqrt(sum_m theta_m^2) + eps."""
     sigma = 0.07
     at_snapshot, iterates = _run(tmp_path, 96, 2, 16, extra=sigma)
     gamma = sigma_rel_to_gamma(sigma)

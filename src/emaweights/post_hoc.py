@@ -432,9 +432,9 @@ def profile_error(
 
 
 def _snapshot_steps(entries: Sequence[dict[str, Any]]) -> str:
-    steps = sorted({int(s["step"]) for s in entries})
-    shown = ", ".join(map(str, steps[:5] + (["..."] if len(steps) > 6 else []) + steps[5:][-1:]))
-    return shown
+    """The snapshot steps, at most six of them: a manifest may list thousands."""
+    steps = [str(s) for s in sorted({int(s["step"]) for s in entries})]
+    return ", ".join(steps if len(steps) <= 6 else [*steps[:5], "...", steps[-1]])
 
 
 def _plan(manifest: dict[str, Any], step: int | None) -> tuple[int, list[dict[str, Any]], int]:
