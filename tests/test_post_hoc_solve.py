@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -185,11 +186,16 @@ def test_cli_agrees_with_python(
 
 
 def test_cli_default_out_is_readme_form(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`emaweights posthoc DIR --sigma-rel 0.05` (README) writes the documented default file."""
+    """The README's `emaweights posthoc DIR ...` line runs and writes the file it names."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"`emaweights posthoc DIR ([^`]*)`\s+writes `([^`]*)`", readme)
+    assert found is not None
+    args, named = found.group(1).split(), found.group(2).replace("<N>", "24")
+    assert named == default_out(float(args[args.index("--sigma-rel") + 1]), 24)
     folder = _snapshots(tmp_path)
     monkeypatch.chdir(tmp_path)
-    assert cli_main(["posthoc", str(folder), "--sigma-rel", "0.05"]) == 0
-    written = safetensors_torch.load_file(str(tmp_path / default_out(0.05, 24)))
+    assert cli_main(["posthoc", str(folder), *args]) == 0
+    written = safetensors_torch.load_file(str(tmp_path / named))
     for name, t in reconstruct(folder, 0.05).items():
         assert torch.equal(written[name], t)
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from contextlib import redirect_stderr
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +74,14 @@ def _entry(folder: Path, key: str, value: object) -> None:
 
 
 def _refused(folder: Path, match: str) -> None:
-    """reconstruct raises LoadError matching ``match``; the CLI exits 2 with the same words."""
+    """The folder is refused: LoadError matching ``match``, and the CLI exits 2 saying it."""
     with pytest.raises(io.LoadError, match=match):
         reconstruct(folder, 0.07)
     out = folder.parent / "w.safetensors"
-    assert cli_main(["posthoc", str(folder), "--sigma-rel", "0.07", "--out", str(out)]) == 2
+    err = StringIO()
+    with redirect_stderr(err):
+        code = cli_main(["posthoc", str(folder), "--sigma-rel", "0.07", "--out", str(out)])
+    assert code == 2 and re.search(match, err.getvalue())
     assert not out.exists()
 
 
