@@ -453,7 +453,9 @@ def _plan(manifest: dict[str, Any], step: int | None) -> tuple[int, list[dict[st
             f"a step where snapshots were saved ({_snapshot_steps(entries)})"
         )
     if len(at_step) > 1:
-        raise LoadError(f"snapshots at step {step} disagree on num_updates: {sorted(at_step)}")
+        raise LoadError(
+            f"snapshots at step {step} disagree on num_updates: {_short(sorted(at_step))}"
+        )
     num_updates = at_step.pop()
     if num_updates < 1:
         raise ValueError(f"no update was averaged by step {step}: nothing to reconstruct")
