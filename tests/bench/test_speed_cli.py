@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,3 +117,15 @@ def test_cpu_case_times_every_call() -> None:
     case.run()
     case.run()
     assert len(calls) == 8 and len(case.times) == 2 and case.median >= 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without CUDA")
+def test_gpu_check_script_skips_without_cuda(tmp_path: Path) -> None:
+    """scripts/gpu_check.sh without CUDA says so, exits 0 and writes no result file."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "out")}
+    out = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+    assert out.returncode == 0 and "skipped: no CUDA device" in out.stdout
+    assert not any((tmp_path / "out").iterdir())
