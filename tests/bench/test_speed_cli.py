@@ -129,3 +129,18 @@ def test_gpu_check_script_skips_without_cuda(tmp_path: Path) -> None:
     )
     assert out.returncode == 0 and "skipped: no CUDA device" in out.stdout
     assert not any((tmp_path / "out").iterdir())
+
+
+def test_multi_speed_refuses_bad_counts_and_missing_cuda(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """multi_speed refuses --decays 0, and --device cuda where CUDA is unavailable."""
+    from emaweights.bench import multi_speed
+
+    with pytest.raises(SystemExit) as info:
+        multi_speed.main(["--decays", "0"])
+    assert info.value.code == 2 and "--decays must be at least 1, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            multi_speed.main(["--device", "cuda"])
+        assert "no CUDA device" in capsys.readouterr().err
