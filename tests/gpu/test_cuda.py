@@ -72,8 +72,11 @@ CONFIGS: dict[str, Callable[[], tuple[nn.Module, dict[str, object]]]] = {
 }
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-@pytest.mark.parametrize("config", list(CONFIGS))
+# compiled=True with foreach=False is refused at construction (they contradict each other).
+KERNELS = [(c, f) for c in CONFIGS for f in (True, False) if not ("compiled" in c and not f)]
+
+
+@pytest.mark.parametrize(("config", "foreach"), KERNELS)
 def test_update_matches_float64_oracle(config: str, foreach: bool) -> None:
     """Every kernel path on CUDA gives the float64 EMA of the live weights (fp32 precision)."""
     m, kw = CONFIGS[config]()
@@ -263,7 +266,7 @@ def test_update_replays_in_a_cuda_graph(config: str) -> None:
     m, kw = CONFIGS[config]()
     ema = EMA(m, DECAY, **kw)  # type: ignore[arg-type]
     ref = {n: p.detach().double().clone() for n, p in m.named_parameters()}
-    side = torch.cuda.Stream()
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
         for _ in range(3):
