@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 EXTRAS := dev,bench,lightning,transformers,accelerate,peft,safetensors
 
-.PHONY: demo test lint typecheck venv clean
+.PHONY: demo test lint typecheck venv clean gpu-check
 
 venv: $(VENV)/.installed
 
@@ -35,3 +35,7 @@ test: lint typecheck
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache
+
+# The CUDA tests and the GPU speed benchmark in one run (<= 8 min); table in build/gpu-check/.
+gpu-check:
+	scripts/gpu_check.sh

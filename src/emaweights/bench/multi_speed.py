@@ -1,6 +1,6 @@
 """Speed of the multi-decay update against separate EMAs.
 
-    PYTHONPATH=src python -m emaweights.bench.multi_speed [--decays 4] [--repeats 30]
+    PYTHONPATH=src python -m emaweights.bench.multi_speed [--decays 4] [--device cuda]
 
 Prints, per model, the median time of one update of ``n`` decays done as
 ``n`` separate :class:`~emaweights.EMA` objects (the baseline, measured in the
@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from emaweights.bench.speed import _positive
 from emaweights.ema import EMA
 from emaweights.multi import MultiEMA
 
@@ -31,12 +32,16 @@ def _models() -> dict[str, nn.Module]:
     }
 
 
-def _median_ms(fn: Callable[[], None], repeats: int) -> float:
+def _median_ms(fn: Callable[[], None], repeats: int, cuda: bool = False) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        if cuda:  # the host clock only measures the device's work after a synchronize
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
@@ -44,15 +49,22 @@ def _median_ms(fn: Callable[[], None], repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     """Print the table; return 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--decays", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: less noise)")
+    parser.add_argument("--decays", type=_positive("--decays"), default=4)
+    parser.add_argument("--repeats", type=_positive("--repeats"), default=30)
+    parser.add_argument(
+        "--threads", type=_positive("--threads"), default=1, help="torch threads (1: less noise)"
+    )
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
     args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available())")
     torch.set_num_threads(args.threads)
     decays = [1 - 10 ** -(i + 1) for i in range(args.decays)]  # 0.9, 0.99, ...
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(decays)} decays")
     print(f"{'model':<30} {'separate ms':>12} {'MultiEMA ms':>12} {'ratio':>6}")
     for name, model in _models().items():
+        model.to(args.device)
         singles = [EMA(model, d) for d in decays]
         multi = MultiEMA(model, decays)
 
@@ -60,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             for e in emas:
                 e.update()
 
-        t_sep = _median_ms(separate, args.repeats)
-        t_multi = _median_ms(multi.update, args.repeats)
+        t_sep = _median_ms(separate, args.repeats, cuda)
+        t_multi = _median_ms(multi.update, args.repeats, cuda)
         print(f"{name:<30} {t_sep:>12.3f} {t_multi:>12.3f} {t_multi / t_sep:>6.2f}")
     print("ratio = time / separate EMAs (below 1: faster)")
     return 0

@@ -12,6 +12,11 @@ noisy, shared machine penalizes every method alike. The roofline is
 ``a.add_(b)`` over flat fp32 buffers of the same element count: it reads two
 tensors and writes one, 12 bytes per element, like an fp32 EMA update.
 
+``--device cuda`` runs the same table on a GPU (timed with CUDA events), adds
+the CPU-offload variants (``device="cpu"``, with and without ``overlap``), a
+1B-parameter flat model, the time of a ViT-B training step with and without
+each EMA, and the targets with pass/fail columns (see :data:`TARGETS`).
+
 Anchors (other libraries) are optional: those not importable are listed as
 skipped with the extra that installs them (``pip install emaweights[bench-anchors]``).
 """
@@ -19,13 +24,16 @@ skipped with the extra that installs them (``pip install emaweights[bench-anchor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +45,21 @@ from emaweights.flat import flatten_parameters
 
 DECAY = 0.999
 Update = Callable[[], None]
+MODELS = ("resnet50", "vit_b16", "vit_b16_bf16", "mlp", "flat1b")
+DEFAULT_MODELS = "resnet50,vit_b16,vit_b16_bf16,mlp"
+DEFAULT_MODELS_CUDA = "resnet50,vit_b16,vit_b16_bf16,flat1b"
+OFFLOAD_OVERLAP = "ours (offload, overlap)"
+#: (description, row selector, threshold): fp32 and bf16 updates as % of the roofline.
+TARGETS = (
+    ("fp32 update >= 90% roofline", ("vit_b16", "ours (flat params)"), 90.0),
+    (
+        "bf16 model, fp32 shadow >= 85% roofline",
+        ("vit_b16_bf16", "ours (fp32 shadow, flat, compiled)"),
+        85.0,
+    ),
+)
+#: offload with overlap: training step at most this factor of the step without an EMA.
+STEP_TARGET = 1.05
 
 
 # -- models: parameter shapes of the real architectures, no download ----------
@@ -49,12 +72,14 @@ class ShapeModel(nn.Module):
         self,
         params: list[tuple[str, tuple[int, ...]]],
         buffers: list[tuple[str, tuple[int, ...], torch.dtype]] = (),  # type: ignore[assignment]
+        device: str = "cpu",
     ) -> None:
         super().__init__()
         for name, shape in params:
-            self.register_parameter(name, nn.Parameter(torch.randn(shape) * 0.02))
+            p = torch.empty(shape, device=device).normal_(0.0, 0.02)
+            self.register_parameter(name, nn.Parameter(p))
         for name, shape, dtype in buffers:
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
 
 
 def resnet50_shapes() -> tuple[list[tuple[str, tuple[int, ...]]], list[Any]]:
@@ -125,8 +150,8 @@ def tiny_mlp_shapes() -> list[tuple[str, tuple[int, ...]]]:
     ]
 
 
-def build_model(name: str, scale: float = 1.0) -> nn.Module:
-    """One of ``resnet50``, ``vit_b16``, ``vit_b16_bf16``, ``mlp`` (``scale`` shrinks widths)."""
+def build_model(name: str, scale: float = 1.0, device: str = "cpu") -> nn.Module:
+    """One of :data:`MODELS` on ``device`` (``scale`` shrinks widths, or flat1b's length)."""
 
     def scaled(ps: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
         if scale == 1.0:
@@ -135,13 +160,15 @@ def build_model(name: str, scale: float = 1.0) -> nn.Module:
 
     if name == "resnet50":
         params, buffers = resnet50_shapes()
-        return ShapeModel(scaled(params), buffers if scale == 1.0 else [])
+        return ShapeModel(scaled(params), buffers if scale == 1.0 else [], device)
     if name in ("vit_b16", "vit_b16_bf16"):
-        model = ShapeModel(scaled(vit_b16_shapes()))
+        model = ShapeModel(scaled(vit_b16_shapes()), device=device)
         return model.bfloat16() if name.endswith("bf16") else model
     if name == "mlp":
-        return ShapeModel(tiny_mlp_shapes())
-    raise ValueError(f"unknown model {name!r}")
+        return ShapeModel(tiny_mlp_shapes(), device=device)
+    if name == "flat1b":  # one flat buffer, as after flatten_parameters on a 1B model
+        return ShapeModel([("flat", (_numel(name, scale),))], device=device)
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
 
 
 # -- methods ------------------------------------------------------------------
@@ -242,6 +269,14 @@ def _ours_flat_compiled(m: nn.Module) -> Update:
     return e.update
 
 
+def _ours_offload(m: nn.Module) -> Update:
+    return EMA(m, DECAY, device="cpu").update
+
+
+def _ours_offload_overlap(m: nn.Module) -> Update:
+    return EMA(m, DECAY, device="cpu", overlap=True).update
+
+
 def _has_cxx() -> bool:
     """Whether torch.compile can build CPU kernels here (it needs a C++ compiler)."""
     return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
@@ -259,9 +294,40 @@ def allocated_bytes(fn: Update) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _quiet_native_output(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+def cuda_allocations(fn: Update) -> int:
+    """CUDA allocations made by one call of ``fn`` (after one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats().get("allocation.all.allocated", 0)
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.memory_stats().get("allocation.all.allocated", 0) - before)
+
+
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Silence file descriptors 1 and 2: the profiler's native code prints "USDT:" lines there."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 @dataclass
@@ -275,9 +341,20 @@ class Case:
     reps: int
     times: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
 
     def run(self) -> None:
-        """Time ``reps`` calls; record the mean per call."""
+        """Time ``reps`` calls; record the mean per call (CUDA events on a GPU)."""
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(self.reps):
+                self.fn()
+            end.record()
+            end.synchronize()  # the host waits for the device, so the time includes its work
+            self.times.append(start.elapsed_time(end) / 1e3 / self.reps)
+            return
         t0 = time.perf_counter()
         for _ in range(self.reps):
             self.fn()
@@ -289,8 +366,8 @@ class Case:
         return statistics.median(self.times)
 
 
-def _roofline(numel: int) -> Update:
-    a, b = torch.randn(numel), torch.randn(numel)
+def _roofline(numel: int, device: str = "cpu") -> Update:
+    a, b = torch.randn(numel, device=device), torch.randn(numel, device=device)
 
     def roof() -> None:
         a.add_(b, alpha=1e-9)
@@ -332,13 +409,13 @@ def _swap_cases(model_name: str, scale: float, reps: int) -> list[Case]:
 
 
 def build_cases(
-    models: list[str], scale: float, reps: int, anchors: bool
+    models: list[str], scale: float, reps: int, anchors: bool, device: str = "cpu"
 ) -> tuple[list[Case], dict[str, str]]:
     """Every (model, method) pair to time; the skipped anchors with reasons."""
     makers, skipped = _anchor_factories() if anchors else ({}, {})
     cases: list[Case] = []
     for name in models:
-        n = sum(p.numel() for p in build_model(name, scale).parameters())
+        n = _numel(name, scale)
         r = reps * 20 if name == "mlp" else reps
         if name == "mlp":
             methods: dict[str, Callable[[nn.Module], Update]] = {
@@ -346,22 +423,40 @@ def build_cases(
                 "ours": _ours,
                 "ours (flat params)": _ours_flat,
             }
+        elif name == "flat1b":  # one tensor: ours and the roofline only (anchors add copies)
+            methods = {"ours": _ours}
+            if device == "cuda":
+                methods[OFFLOAD_OVERLAP] = _ours_offload_overlap
         elif name.endswith("bf16"):
             methods = {"ours (fp32 shadow)": _ours, "ours (fp32 shadow, flat params)": _ours_flat}
-            if _has_cxx():  # the first update compiles (seconds), during the warm-up call
+            if (
+                device == "cuda" or _has_cxx()
+            ):  # the first update compiles (seconds), during the warm-up call
                 methods["ours (fp32 shadow, flat, compiled)"] = _ours_flat_compiled
             else:
                 skipped["ours compiled=True"] = "no C++ compiler for torch.compile on the CPU"
         else:
             methods = {"ours": _ours, "ours (flat params)": _ours_flat, "article loop": _article}
+            if device == "cuda":
+                methods["ours (offload)"] = _ours_offload
+                methods[OFFLOAD_OVERLAP] = _ours_offload_overlap
             methods.update(makers)
         live_bytes = 2 if name.endswith("bf16") else 4
         nbytes = n * (live_bytes + 8)  # read live, read + write fp32 shadow
-        cases.append(Case(name, "roofline a.add_(b)", n * 12, _roofline(n), r))
+        cases.append(
+            Case(name, "roofline a.add_(b)", n * 12, _roofline(n, device), r, device=device)
+        )
         for method, make in methods.items():
-            fn = make(build_model(name, scale))
-            cases.append(Case(name, method, nbytes, fn, r))
+            fn = make(build_model(name, scale, device))
+            cases.append(Case(name, method, nbytes, fn, r, device=device))
     return cases, skipped
+
+
+def _numel(name: str, scale: float) -> int:
+    """Parameter count of ``build_model(name, scale)`` (without building a 1B model)."""
+    if name == "flat1b":
+        return max(1, int(1_000_000_000 * scale))
+    return sum(p.numel() for p in build_model(name, scale).parameters())
 
 
 def _article(m: nn.Module) -> Update:
@@ -429,11 +524,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("-" * len(head))
     for r in rows:
         alloc = r.get("alloc_bytes")
+        allocs = "-" if alloc is None else _size(alloc)
+        if "cuda_allocs" in r:  # the CUDA allocator counts allocations, not bytes
+            allocs = str(r["cuda_allocs"])
         print(
             f"{r['model']:<13}{r['method']:<36}{f(r['median_ms'], '.3f'):>9}"
             f"{f(r['gb_s'], '.1f'):>7}{f(r['pct_roofline'], '.0f'):>7}"
             f"{f(r['vs_article'], '.1f'):>7}{f(r['vs_best_anchor'], '.2f'):>7}"
-            f"{f(r['vs_bare_foreach'], '.2f'):>7}{'-' if alloc is None else _size(alloc):>11}"
+            f"{f(r['vs_bare_foreach'], '.2f'):>7}{allocs:>11}"
         )
 
 
@@ -445,56 +543,258 @@ def _size(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; print the table; write JSON if asked."""
+# -- a real training step (GPU) --------------------------------------------------
+
+
+class _Block(nn.Module):
+    """A pre-norm transformer encoder block of ViT-B size (the fallback without torchvision)."""
+
+    def __init__(self, d: int = 768, heads: int = 12, mlp: int = 3072) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(), nn.Linear(mlp, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention then MLP, each with a residual."""
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))  # type: ignore[no-any-return]
+
+
+class _ViT(nn.Module):
+    """ViT-B/16 at 224 px built from blocks (86.6 M parameters; no download)."""
+
+    def __init__(self, depth: int = 12, d: int = 768) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 16, 16)
+        self.pos = nn.Parameter(torch.zeros(1, 196, d))
+        self.blocks = nn.Sequential(*(_Block(d) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Patchify, encode, mean-pool, classify."""
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(x)).mean(1))  # type: ignore[no-any-return]
+
+
+def vit_b_model(device: str) -> tuple[nn.Module, str]:
+    """The torchvision ViT-B/16 (random init) where importable, else the built-in block stack."""
+    try:
+        from torchvision.models import vit_b_16  # type: ignore[import-not-found,unused-ignore]
+
+        return vit_b_16(weights=None).to(device), "torchvision vit_b_16"
+    except ImportError:
+        return _ViT().to(device), "built-in ViT-B/16 blocks"
+
+
+def train_step_cases(device: str, batch: int, reps: int, anchors: bool) -> tuple[list[Case], str]:
+    """One ViT-B training step (bf16 autocast forward/backward, SGD) alone and with each EMA."""
+    makers: dict[str, Callable[[nn.Module], Update]] = {
+        "ours": _ours,
+        "ours (offload)": _ours_offload,
+        OFFLOAD_OVERLAP: _ours_offload_overlap,
+    }
+    if anchors:
+        makers.update(_anchor_factories()[0])
+    model, source = vit_b_model(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    def with_ema(update: Update) -> Update:
+        def both() -> None:
+            step()
+            update()
+
+        return both
+
+    cases = [Case("train step", "no EMA", 0, step, reps, device=device)]
+    for name, make in makers.items():
+        cases.append(Case("train step", f"+ {name}", 0, with_ema(make(model)), reps, device=device))
+    return cases, source
+
+
+# -- targets --------------------------------------------------------------------
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The targets of the GPU run with measured value and pass/fail (missing rows: ``None``)."""
+    by_key = {(r["model"], r["method"]): r for r in rows}
+    out: list[dict[str, Any]] = []
+    for text, key, threshold in TARGETS:
+        row = by_key.get(key)
+        value = None if row is None else float(row["pct_roofline"])
+        passed = None if value is None else value >= threshold
+        out.append({"target": text, "value": value, "unit": "% roofline", "pass": passed})
+    base = by_key.get(("train step", "no EMA"))
+    lagged = by_key.get(("train step", f"+ {OFFLOAD_OVERLAP}"))
+    ratio = None if base is None or lagged is None else lagged["median_ms"] / base["median_ms"]
+    out.append(
+        {
+            "target": f"offload+overlap step <= {STEP_TARGET:.2f} x step without EMA",
+            "value": ratio,
+            "unit": "x step",
+            "pass": None if ratio is None else ratio <= STEP_TARGET,
+        }
+    )
+    for model in sorted({r["model"] for r in rows if r["model"] != "train step"}):
+        ours = [r for r in rows if r["model"] == model and r["method"].startswith("ours")]
+        best = next((r for r in rows if r["model"] == model and r.get("best_anchor")), None)
+        if not ours or best is None:
+            continue
+        fastest = min(r["median_ms"] for r in ours)
+        anchor_ms = next(
+            r["median_ms"]
+            for r in rows
+            if r["model"] == model and r["method"] == best["best_anchor"]
+        )
+        out.append(
+            {
+                "target": f"{model}: ours ahead of every anchor",
+                "value": anchor_ms / fastest,
+                "unit": "x best anchor",
+                "pass": fastest < anchor_ms,
+            }
+        )
+    return out
+
+
+def print_targets(targets: list[dict[str, Any]]) -> None:
+    """Print the targets with their measured value and a pass/fail column."""
+    print(f"{'target':<52}{'measured':>12}  {'unit':<14}{'result':>7}")
+    for t in targets:
+        value = "-" if t["value"] is None else f"{t['value']:.3g}"
+        result = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
+        print(f"{t['target']:<52}{value:>12}  {t['unit']:<14}{result:>7}")
+
+
+# -- command line ---------------------------------------------------------------
+
+
+class UsageError(ValueError):
+    """A bad command-line value (the message names it)."""
+
+
+def _positive(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse and validate the arguments; a bad value exits with a usage error naming it."""
     ap = argparse.ArgumentParser(prog="emaweights bench-speed", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller models, fewer rounds")
     ap.add_argument(
-        "--rounds", type=int, default=None, help="interleaved rounds (default 9, quick 3)"
+        "--rounds",
+        type=_positive("--rounds"),
+        default=None,
+        help="interleaved rounds (default 9, quick 3)",
     )
-    ap.add_argument("--reps", type=int, default=None, help="calls per timing (default 3, quick 2)")
+    ap.add_argument(
+        "--reps",
+        type=_positive("--reps"),
+        default=None,
+        help="calls per timing (default 3, quick 2)",
+    )
     ap.add_argument(
         "--models",
-        default="resnet50,vit_b16,vit_b16_bf16,mlp",
-        help="comma-separated: resnet50, vit_b16, vit_b16_bf16, mlp",
+        default=None,
+        help=f"comma-separated of {', '.join(MODELS)} (default cpu: {DEFAULT_MODELS}; "
+        f"cuda: {DEFAULT_MODELS_CUDA})",
     )
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
     ap.add_argument("--no-anchors", action="store_true", help="skip other libraries")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--no-train-step", action="store_true", help="cuda: skip the ViT-B step")
+    ap.add_argument("--batch", type=_positive("--batch"), default=64, help="cuda: step batch")
+    ap.add_argument(
+        "--threads", type=_positive("--threads"), default=None, help="torch.set_num_threads"
+    )
     ap.add_argument("--json", default=None, help="write results to this JSON file")
     args = ap.parse_args(argv)
+    try:
+        validate(args)
+    except UsageError as e:
+        ap.error(str(e))
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Resolve the model list and refuse values no run can honour (raises :class:`UsageError`)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (torch.cuda.is_available())")
+    text = args.models or (DEFAULT_MODELS_CUDA if args.device == "cuda" else DEFAULT_MODELS)
+    args.models = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        raise UsageError(
+            f"--models: unknown {', '.join(map(repr, unknown)) or repr(text)}; "
+            f"valid: {', '.join(MODELS)}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the table (and on a GPU the targets); write JSON if asked."""
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cuda = args.device == "cuda"
     scale = 0.25 if args.quick else 1.0
     rounds = args.rounds or (3 if args.quick else 9)
     reps = args.reps or (2 if args.quick else 3)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in models:
-        build_model(m, 0.01) if m != "mlp" else None  # validate names early
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
-    for m in models:  # one model at a time: every copy of ViT-B costs ~350 MB per method
-        cases, skipped = build_cases([m], scale, reps, not args.no_anchors)
+    for m in args.models:  # one model at a time: every copy of ViT-B costs ~350 MB per method
+        cases, skipped = build_cases([m], scale, reps, not args.no_anchors, args.device)
         if m in ("resnet50", "vit_b16"):
-            cases += _swap_cases(m, scale, reps)
-        for c in cases:
-            if not c.method.startswith(("roofline", "swap", "bare")):
-                c.extra["alloc_bytes"] = allocated_bytes(c.fn)
+            cases += [] if cuda else _swap_cases(m, scale, reps)
+        _record_allocations(cases, cuda)
         measure(cases, rounds)
         rows += summarize(cases)
         del cases
-    cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}")
+        if cuda:
+            torch.cuda.empty_cache()
+    step_source = None
+    if cuda and not args.no_train_step:
+        cases, step_source = train_step_cases(args.device, args.batch, reps, not args.no_anchors)
+        measure(cases, rounds)
+        rows += summarize(cases)
+        del cases
+    where = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}: {where}")
     print(f"{rounds} interleaved rounds x {reps} calls; medians; scale {scale}")
     print_table(rows)
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
+    targets = check_targets(rows) if cuda else []
+    if targets:
+        print(f"\ntraining step: {step_source}, batch {args.batch}, bf16 autocast, SGD")
+        print_targets(targets)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
                 {
                     "rows": rows,
                     "skipped": skipped,
+                    "targets": targets,
+                    "device": args.device,
+                    "device_name": where,
                     "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
                     "rounds": rounds,
@@ -506,6 +806,17 @@ def main(argv: list[str] | None = None) -> int:
                 default=str,
             )
     return 0
+
+
+def _record_allocations(cases: list[Case], cuda: bool) -> None:
+    """Per-update allocations of every method (profiler bytes on CPU, allocator count on CUDA)."""
+    for c in cases:
+        if c.method.startswith(("roofline", "swap", "bare")):
+            continue
+        if cuda:
+            c.extra["cuda_allocs"] = cuda_allocations(c.fn)
+        else:
+            c.extra["alloc_bytes"] = allocated_bytes(c.fn)
 
 
 if __name__ == "__main__":
