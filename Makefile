@@ -1,6 +1,7 @@
-# emaweights: `make demo` runs the main job, `make test` runs the whole suite.
-# Both create .venv on first use. torch is pinned to the CPU build for dev/CI;
-# the library itself only requires torch>=2.4.
+# emaweights: `make demo` runs the main job, `make test` runs lint, mypy and the
+# fast tests (slow ones need PYTEST_ARGS='-m "slow or not slow"'). Both create
+# .venv on first use. torch is pinned to the CPU build for dev/CI; the library
+# itself requires only the torch floor in pyproject.toml (proved by .ci/floor).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
