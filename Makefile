@@ -35,4 +35,4 @@ test: lint typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-floor build dist .mypy_cache .pytest_cache .ruff_cache
