@@ -1,6 +1,8 @@
-# emaweights: `make demo` runs the main job, `make test` runs the whole suite.
-# Both create .venv on first use. torch is pinned to the CPU build for dev/CI;
-# the library itself only requires torch>=2.4.
+# emaweights: `make demo` runs the main job, `make test` runs lint, mypy and the
+# fast tests (slow ones need PYTEST_ARGS='-m "slow or not slow"'). Both create
+# .venv on first use. torch is pinned to the CPU build for dev/CI; the library
+# itself requires only the torch floor in pyproject.toml (checked by .ci/floor, not yet
+# part of CI: see README).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -34,7 +36,7 @@ test: lint typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-floor build dist .mypy_cache .pytest_cache .ruff_cache
 
 # The CUDA tests and the GPU speed benchmark in one run (<= 8 min); table in build/gpu-check/.
 gpu-check:

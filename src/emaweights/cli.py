@@ -25,10 +25,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: emaweights COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    # The name column is as wide as the longest name, so no help text is pushed
+    # out of line when a command is added.
+    width = max(map(len, COMMANDS))
+    lines = ["usage: emaweights [--version] COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `emaweights COMMAND --help` for a command's options."]
     return "\n".join(lines)
+
+
+def _version() -> str:
+    from emaweights import __version__
+
+    return f"emaweights {__version__}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(_version())
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:

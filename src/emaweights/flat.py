@@ -11,9 +11,12 @@ Caveats (why this is opt-in):
   ``Parameter`` objects stay the same (``param.data`` is re-pointed), so an
   optimizer made earlier still works, but fused or foreach optimizer state
   already built for the old storage is not moved.
-* ``model.to(...)``, ``model.half()`` and FSDP re-allocate parameters and undo
-  the layout; the EMA then notices and falls back to its multi-tensor path
-  (same numbers, lower speed). Call this again after such a move.
+* ``model.half()`` or ``model.to(dtype)`` after the EMA is made changes the
+  parameters' dtype: the EMA's next update raises ``RuntimeError`` (the model
+  changed; make a new EMA). Re-allocating the parameters without changing
+  their dtype (FSDP, ``param.data = ...``) undoes the layout: the EMA keeps
+  averaging them on its multi-tensor path (same numbers, lower speed). Call
+  this again after such a move.
 * Gradients are not flattened; ``param.grad`` stays per tensor.
 * Tied (shared) parameters are placed once.
 """

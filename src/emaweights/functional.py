@@ -261,8 +261,8 @@ def lerp_compiled_(target: Tensor, source: Tensor, weight: Tensor) -> None:
 
     ``torch.compile`` (Inductor) fuses the cast of ``source`` into the update,
     so each element of ``source`` and ``target`` is read once and ``target``
-    written once, with no temporary: on a 2-core CPU this reaches 68-94% of
-    the bandwidth roofline where the eager :func:`lerp_staged_` reaches 45-63%.
+    written once, with no temporary, where the eager :func:`lerp_staged_`
+    moves the staging buffer too (measured in ``docs/performance.md``).
     Pass tensors that are not views of a differently shaped base (Inductor
     compiles those into a slower element-by-element kernel). The kernel is
     compiled for dynamic sizes once per process (per dtype pair and device;
