@@ -311,8 +311,8 @@ def load_consolidated(ema: EMA, path: PathLike, strict: bool = True) -> None:
     shards, without communication.
 
     Raises:
-        emaweights.io.LoadError: not a safetensors file written by
-            :func:`save_consolidated`.
+        emaweights.io.LoadError: not a regular file, not a safetensors file
+            written by :func:`save_consolidated`, or malformed metadata.
 
     """
     from emaweights.io import LoadError, load_safetensors
@@ -324,4 +324,13 @@ def load_consolidated(ema: EMA, path: PathLike, strict: bool = True) -> None:
         meta: Mapping[str, str] = f.metadata() or {}
     if _STATE_KEY not in meta:
         raise LoadError(f"{str(path)!r} has no {_STATE_KEY!r} metadata: not an EMA file")
-    ema.load_state_dict({**json.loads(meta[_STATE_KEY]), "shadow": tensors}, strict=strict)
+    try:
+        rest = json.loads(meta[_STATE_KEY])
+        if not isinstance(rest, dict):
+            raise LoadError(f"{_STATE_KEY!r} metadata of {str(path)!r} is not a JSON object")
+        ema.load_state_dict({**rest, "shadow": tensors}, strict=strict)
+    except (RecursionError, TypeError, OverflowError, json.JSONDecodeError) as err:
+        # Hostile metadata (deep nesting, huge numbers, wrong types) must end in one clear error.
+        raise LoadError(
+            f"{str(path)!r} has malformed {_STATE_KEY!r} metadata: {type(err).__name__}"
+        ) from err
