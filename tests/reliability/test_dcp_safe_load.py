@@ -83,3 +83,39 @@ def test_fifo_metadata_refused(tmp_path: Path) -> None:
     os.mkfifo(folder / ".metadata")
     with pytest.raises(io.LoadError, match="not a regular file"):
         load_dcp(EMA(nn.Linear(3, 2)), folder)
+
+
+def test_checkpoint_exception_becomes_an_exception(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CheckpointException of torch (a BaseException) leaves save_dcp as CheckpointError."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from emaweights.distributed import CheckpointError
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise CheckpointException("rank 1 failed", {})
+
+    monkeypatch.setattr(dcp, "save", failing)
+    with pytest.raises(CheckpointError, match=r"save_dcp to .*failed: CheckpointException"):
+        save_dcp(EMA(nn.Linear(3, 2)), tmp_path / "ck")
+    assert issubclass(CheckpointError, Exception)
+
+
+@pytest.mark.parametrize(
+    "meta", ["[" * 100_000 + "]" * 100_000, "[1, 2]", '{"step": 1e999999}', '{"step": [[]]}']
+)
+def test_hostile_consolidated_metadata_is_a_load_error(tmp_path: Path, meta: str) -> None:
+    """Deep nesting, a non-object, huge numbers and wrong types in the metadata give LoadError."""
+    from emaweights.distributed import load_consolidated
+
+    path = tmp_path / "full.safetensors"
+    io.save_safetensors(
+        {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)},
+        path,
+        metadata={"emaweights.state": meta},
+    )
+    ema = EMA(nn.Linear(3, 2))
+    with pytest.raises((io.LoadError, ValueError, KeyError)):
+        load_consolidated(ema, path)
