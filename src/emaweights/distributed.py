@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from emaweights.io import PathLike
 
 __all__ = [
+    "CheckpointError",
     "any_across_ranks",
     "average_buffers_",
     "distribute_like",
@@ -255,6 +256,92 @@ def average_buffers_(ema: EMA, group: Any = None) -> None:
 # -- checkpoints ---------------------------------------------------------------
 
 
+class CheckpointError(RuntimeError):
+    """``torch.distributed.checkpoint`` failed on some rank (its exception is a BaseException)."""
+
+
+# What a DCP ``.metadata`` pickle may name: the metadata classes, paths, sizes and dtypes.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata",)
+_DCP_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def _safe_unpickle(data: bytes, where: str) -> Any:
+    """Unpickle DCP metadata, resolving only allow-listed classes (nothing else can run)."""
+    import io as _bytes_io
+    import pickle
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            obj = getattr(torch, name, None) if module == "torch" else None
+            allowed = (
+                (module, name) in _DCP_GLOBALS
+                or (
+                    module in _DCP_MODULES
+                    and isinstance(getattr(sys.modules[module], name, None), type)
+                )
+                or isinstance(obj, (torch.dtype, torch.memory_format, torch.layout))
+            )
+            if not allowed:
+                raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+            return super().find_class(module, name)
+
+    from emaweights.io import LoadError
+
+    try:
+        return _Restricted(_bytes_io.BytesIO(data)).load()
+    except Exception as err:  # every failure of a hostile file means "refused"
+        raise LoadError(f"refused DCP metadata {where!r}: {type(err).__name__}: {err}") from err
+
+
+def _safe_reader(path: PathLike) -> Any:
+    """A ``FileSystemReader`` that reads ``.metadata`` through :func:`_safe_unpickle`."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    from emaweights.io import LoadError, _require_regular_file
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            file = Path(path) / ".metadata"
+            _require_regular_file(file)
+            meta = _safe_unpickle(file.read_bytes(), str(file))
+            if not isinstance(meta, Metadata) or not isinstance(meta.storage_data, dict):
+                raise LoadError(f"{str(file)!r} does not hold DCP metadata")
+            for info in meta.storage_data.values():
+                name = getattr(info, "relative_path", None)
+                # Shards are read by this name: it must stay inside the folder.
+                if not isinstance(name, str) or Path(name).name != name or name in ("", "..", "."):
+                    raise LoadError(f"{str(file)!r} names a shard outside its folder: {name!r}")
+            if getattr(meta, "storage_meta", None) is None:
+                meta.storage_meta = StorageMeta()
+            meta.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
+            return meta
+
+    return _Reader(str(path))
+
+
+def _wrap_checkpoint_errors(what: str, run: Any) -> None:
+    """Run ``run()``; turn torch's CheckpointException (a BaseException) into CheckpointError."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        run()
+    except CheckpointException as err:
+        raise CheckpointError(f"{what} failed: {err}") from err
+
+
 def save_dcp(ema: EMA, path: PathLike) -> None:
     """Save the EMA's state with ``torch.distributed.checkpoint`` (every rank calls).
 
@@ -263,13 +350,24 @@ def save_dcp(ema: EMA, path: PathLike) -> None:
     """
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({"ema": ema.state_dict()}, checkpoint_id=str(path))  # type: ignore[attr-defined]
+    state = {"ema": ema.state_dict()}
+    _wrap_checkpoint_errors(
+        f"save_dcp to {str(path)!r}",
+        lambda: dcp.save(state, checkpoint_id=str(path)),  # type: ignore[attr-defined]
+    )
 
 
 def load_dcp(ema: EMA, path: PathLike) -> None:
     """Load a checkpoint written by :func:`save_dcp`, resharding to this EMA's layout.
 
     Every rank calls it; the world size may differ from the one that saved.
+    The folder's ``.metadata`` (a pickle) is read by an unpickler that
+    resolves only DCP's metadata classes, sizes, dtypes and paths, so a crafted
+    folder cannot run code; shard names must stay inside the folder.
+
+    Raises:
+        emaweights.io.LoadError: the metadata is not plain DCP metadata.
+        CheckpointError: DCP failed on some rank (wraps its BaseException).
     """
     import torch.distributed.checkpoint as dcp
 
@@ -278,7 +376,12 @@ def load_dcp(ema: EMA, path: PathLike) -> None:
     current = ema.state_dict()
     target = {**current, "shadow": {k: v.clone() for k, v in current["shadow"].items()}}
     holder = {"ema": target}
-    dcp.load(holder, checkpoint_id=str(path))  # type: ignore[attr-defined]
+    reader = _safe_reader(path)
+    reader.read_metadata()  # refuse a hostile folder here: DCP would turn LoadError into text
+    _wrap_checkpoint_errors(
+        f"load_dcp from {str(path)!r}",
+        lambda: dcp.load(holder, storage_reader=reader),  # type: ignore[attr-defined]
+    )
     ema.load_state_dict(holder["ema"])
 
 
@@ -311,8 +414,8 @@ def load_consolidated(ema: EMA, path: PathLike, strict: bool = True) -> None:
     shards, without communication.
 
     Raises:
-        emaweights.io.LoadError: not a safetensors file written by
-            :func:`save_consolidated`.
+        emaweights.io.LoadError: not a regular file, not a safetensors file
+            written by :func:`save_consolidated`, or malformed metadata.
 
     """
     from emaweights.io import LoadError, load_safetensors
@@ -324,4 +427,13 @@ def load_consolidated(ema: EMA, path: PathLike, strict: bool = True) -> None:
         meta: Mapping[str, str] = f.metadata() or {}
     if _STATE_KEY not in meta:
         raise LoadError(f"{str(path)!r} has no {_STATE_KEY!r} metadata: not an EMA file")
-    ema.load_state_dict({**json.loads(meta[_STATE_KEY]), "shadow": tensors}, strict=strict)
+    try:
+        rest = json.loads(meta[_STATE_KEY])
+        if not isinstance(rest, dict):
+            raise LoadError(f"{_STATE_KEY!r} metadata of {str(path)!r} is not a JSON object")
+        ema.load_state_dict({**rest, "shadow": tensors}, strict=strict)
+    except (RecursionError, TypeError, OverflowError, json.JSONDecodeError) as err:
+        # Hostile metadata (deep nesting, huge numbers, wrong types) must end in one clear error.
+        raise LoadError(
+            f"{str(path)!r} has malformed {_STATE_KEY!r} metadata: {type(err).__name__}"
+        ) from err
