@@ -149,7 +149,7 @@ class LMConfig:
         path_points: evaluations along fine-tuning (the early-stopping path).
         alphas: interpolation coefficients.
         l2sp: L2-SP strengths (chosen on val).
-        lora_rank: LoRA rank (LoRA's learning rate is 3x ``finetune_lr``).
+        lora_rank: LoRA rank (LoRA's learning rate is 3x ``finetune_lr``; 0 skips LoRA).
         max_bytes: task B training bytes.
     """
 
@@ -463,6 +463,8 @@ def _lora(
     model: nn.Module, data: Data, cfg: LMConfig, schedule: str, steps: int, seed: int
 ) -> dict[str, Tensor] | str:
     """LoRA fine-tuning merged back into the weights, or the reason it was skipped."""
+    if cfg.lora_rank == 0:
+        return "skipped: lora_rank=0"
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
