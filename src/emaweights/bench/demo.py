@@ -1,7 +1,8 @@
-"""``emaweights demo``: the forgetting benchmark on load_digits, with table, plot and JSON.
+"""``emaweights demo``: the forgetting benchmark, with tables, plots and JSON.
 
-Run: ``emaweights demo --out emaweights-out`` (or ``make demo``); ``--quick`` for a
-short check. Everything is deterministic for the given seeds.
+Run: ``emaweights demo --out emaweights-out`` (or ``make demo``) for the language-model
+task (:mod:`emaweights.bench.lm_demo`); ``--task digits`` for the MLP smoke test on
+load_digits; ``--quick`` for a short check. Everything is deterministic for the seeds.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def config_for(args: argparse.Namespace) -> tuple[Config, tuple[str, ...]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return the exit code."""
     args = _parser().parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"emaweights demo: --workers must be >= 1, got {args.workers}")
     if args.task == "lm":
         from emaweights.bench.lm_demo import run_lm
 

@@ -223,3 +223,27 @@ def plot(runs: Sequence[LMRun], rows: Sequence[LMRow], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def load_runs(path: Path) -> list[LMRun]:
+    """The per-seed runs of a ``results.json`` written by :func:`save`."""
+    from emaweights.bench.lm import BPB
+
+    def bpb(x: dict[str, Any]) -> BPB:
+        return BPB(x["a_val"], x["b_val"], x["a_test"], x["b_test"])
+
+    runs = []
+    for r in json.loads(path.read_text())["runs"]:
+        run = LMRun(
+            r["condition"],
+            r["pretrain_seed"],
+            r["seed"],
+            r["steps"],
+            bpb(r["pretrained"]),
+            [(i["alpha"], bpb(i)) for i in r["interpolation"]],
+            [(i["step"], bpb(i)) for i in r["trajectory"]],
+        )
+        for name, m in r["methods"].items():
+            run.methods[name], run.families[name] = bpb(m), m["family"]
+        runs.append(run)
+    return runs
