@@ -189,7 +189,8 @@ class _Block(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         )
         x = x + self.proj(y.transpose(1, 2).reshape(n, t, d))
-        return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+        out: Tensor = x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+        return out
 
 
 class TinyGPT(nn.Module):
@@ -473,7 +474,7 @@ def _lora(
     lcfg = LoraConfig(
         r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=["qkv", "proj", "fc", "out"]
     )
-    peft_model = get_peft_model(base, lcfg)  # type: ignore[arg-type]
+    peft_model = get_peft_model(base, lcfg)
     _train(peft_model, data, cfg, schedule, steps, seed, [], 3 * cfg.finetune_lr)
     merged = peft_model.merge_and_unload()
     return state_of(merged)
