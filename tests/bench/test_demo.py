@@ -18,8 +18,8 @@ TINY = Config(seeds=(0,), pretrain_epochs=3, finetune_epochs=2)
 def test_quick_run_writes_table_plot_json_csv(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`emaweights demo --quick` prints the table and writes JSON, CSV and PNG."""
-    assert main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    """`emaweights demo --task digits --quick` prints the table and writes JSON, CSV and PNG."""
+    assert main(["--task", "digits", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ΔA vs interp" in out and "ema β=0.999" in out
     data = json.loads((tmp_path / "results.json").read_text())

@@ -9,6 +9,7 @@ Use it on your own model and data::
 See ``examples/forgetting_custom.py``. Needs the ``bench`` extra.
 """
 
+from emaweights.bench.measure import Distance, Paired, a_star, b_star, paired, verdict
 from emaweights.bench.methods import EMAMethod, Method, default_methods
 from emaweights.bench.metrics import curve_a_at, delta_a, forgetting, mean_std
 from emaweights.bench.report import Row, markdown_tables, plot, print_table, save, summarize
@@ -18,13 +19,17 @@ from emaweights.bench.tasks import SHIFTS, Split, TaskPair, digits_task, digits_
 __all__ = [
     "SHIFTS",
     "Config",
+    "Distance",
     "EMAMethod",
     "Evaluation",
     "Method",
+    "Paired",
     "Row",
     "RunResult",
     "Split",
     "TaskPair",
+    "a_star",
+    "b_star",
     "curve_a_at",
     "default_methods",
     "delta_a",
@@ -33,10 +38,12 @@ __all__ = [
     "forgetting",
     "markdown_tables",
     "mean_std",
+    "paired",
     "plot",
     "print_table",
     "run",
     "run_one",
     "save",
     "summarize",
+    "verdict",
 ]

@@ -1,7 +1,8 @@
-"""``emaweights demo``: the forgetting benchmark on load_digits, with table, plot and JSON.
+"""``emaweights demo``: the forgetting benchmark, with tables, plots and JSON.
 
-Run: ``emaweights demo --out emaweights-out`` (or ``make demo``); ``--quick`` for a
-short check. Everything is deterministic for the given seeds.
+Run: ``emaweights demo --out emaweights-out`` (or ``make demo``) for the language-model
+task (:mod:`emaweights.bench.lm_demo`); ``--task digits`` for the MLP smoke test on
+load_digits; ``--quick`` for a short check. Everything is deterministic for the seeds.
 """
 
 from __future__ import annotations
@@ -27,8 +28,21 @@ def _parser() -> argparse.ArgumentParser:
         description="Pre-train a small MLP on task A (load_digits), fine-tune on task B, and "
         "measure old/new-task accuracy of EMA variants against weight interpolation.",
     )
+    p.add_argument(
+        "--task",
+        choices=("lm", "digits"),
+        default="lm",
+        help="lm (default): tiny byte-level transformer, prose then code from the standard "
+        "library; digits: the fast MLP smoke test on load_digits",
+    )
     p.add_argument("--out", type=Path, default=Path("emaweights-out"), help="output folder")
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    p.add_argument(
+        "--pretrain-seeds", type=int, default=1, help="lm: pre-training seeds (default 1)"
+    )
+    p.add_argument("--cache", type=Path, default=None, help="lm: pre-training cache folder")
+    p.add_argument(
+        "--seeds", type=int, default=None, help="fine-tuning seeds (default: lm 3, digits 5)"
+    )
     p.add_argument("--shifts", nargs="+", choices=SHIFTS, default=list(SHIFTS))
     p.add_argument("--quick", action="store_true", help="2 seeds, 2 shifts, shorter training")
     p.add_argument(
@@ -45,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def config_for(args: argparse.Namespace) -> tuple[Config, tuple[str, ...]]:
     """The benchmark configuration and shifts selected by the command-line flags."""
+    if args.seeds is None:
+        args.seeds = 5
     if args.seeds < 1:
         raise SystemExit(f"emaweights demo: --seeds must be >= 1, got {args.seeds}")
     if args.workers is not None and args.workers < 1:
@@ -58,6 +74,16 @@ def config_for(args: argparse.Namespace) -> tuple[Config, tuple[str, ...]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return the exit code."""
     args = _parser().parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"emaweights demo: --workers must be >= 1, got {args.workers}")
+    if args.task == "lm":
+        from emaweights.bench.lm_demo import run_lm
+
+        threads = torch.get_num_threads()
+        try:
+            return run_lm(args, _cores())
+        finally:
+            torch.set_num_threads(threads)
     cfg, shifts = config_for(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads cost more than they give

@@ -172,17 +172,30 @@ class PostHocMethod(_Base):
 
 
 class BEMAMethod(_Base):
-    """BEMA with the paper's defaults."""
+    r"""BEMA (bias-corrected EMA).
+
+    With the defaults (``update_every=1``, no burn-in) and :math:`\theta_0` the
+    pre-trained weights, BEMA's correction term extrapolates along
+    :math:`\theta_T - \theta_0` (its ``init_weight`` is negative): it is not a
+    lag-free average of the run but a step beyond the fine-tuned weights.
+    ``start_step`` (burn-in: averaging starts there) and ``update_every``
+    (update frequency) make it average the late run instead.
+    """
 
     family = "bema"
 
-    def __init__(self) -> None:
-        self.name = "bema"
+    def __init__(self, update_every: int = 1, start_step: int = 0) -> None:
+        self.update_every, self.start_step = update_every, start_step
+        self.name = (
+            "bema (default: extrapolates)"
+            if (update_every, start_step) == (1, 0)
+            else f"bema burn-in {start_step}, every {update_every}"
+        )
         self._bema: BEMA | None = None
 
     def start(self, model: nn.Module) -> None:
         """Take theta_0 = the pre-trained weights."""
-        self._bema = BEMA(model)
+        self._bema = BEMA(model, update_every=self.update_every, start_step=self.start_step)
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Update."""
