@@ -21,7 +21,7 @@ def test_mean_of_last_k_snapshots(k: int) -> None:
 
     def hook(s: int) -> None:
         if s % 2 == 0:  # an "epoch" of two steps
-            lawa.snapshot()
+            lawa.update()
             taken.append(s)
             checks.append((s, lawa.averaged_state_dict()))
 
@@ -40,3 +40,16 @@ def test_bad_k_and_empty() -> None:
         LAWA(mlp(), k=0)
     with pytest.raises(RuntimeError, match="no snapshot"):
         LAWA(mlp()).average()
+
+
+def test_snapshot_is_a_deprecated_alias_of_update() -> None:
+    """LAWA.snapshot() warns and does what update() does."""
+    import pytest
+    from torch import nn
+
+    from emaweights import LAWA
+
+    lawa = LAWA(nn.Linear(2, 2), k=2)
+    with pytest.warns(DeprecationWarning, match="update"):
+        lawa.snapshot()
+    assert lawa.n_snapshots == 1 and lawa.num_updates == 1

@@ -30,45 +30,55 @@ The seed API works as written: ``EMA(model, 0.999)``, ``register()``,
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch import nn
 
-from emaweights._naming import BufferPolicy, collect, unwrap
-from emaweights.distributed import reshard
+from emaweights._naming import BufferPolicy, collect
+from emaweights._sharding import reshard
+from emaweights.averager import (
+    Averager,
+    NonFiniteError,
+    NonFinitePolicy,
+    SwapError,
+    is_plain,
+    load_into,
+    positive_int,
+)
 from emaweights.schedules import Schedule, as_schedule, schedule_from_dict
-from emaweights.shadow import Rounding, Shadow, SwapRecord
+from emaweights.shadow import Rounding, Shadow
 
-__all__ = ["EMA", "NonFiniteError", "SwapError"]
+__all__ = ["EMA", "NonFiniteError", "SwapError", "ema_weight"]
 
 Anchor = Literal["init", "debiased"]
-NonFinitePolicy = Literal["check", "raise", "skip"]
-_FORMAT = "emaweights.EMA"
-_VERSION = 1
-# The full (per-tensor) check of the model's tensors runs on the first update and
-# then every this many updates: cheap amortized, and nothing per tensor per step.
-_CHECK_EVERY = 100
+_load_into = load_into  # old private name, used by adapters
 
 
-class SwapError(RuntimeError):
-    """The averaged weights were misused while swapped in, or swapping was misused."""
+def ema_weight(
+    schedule: Schedule, anchor: Anchor, since: int, steps: int, init_weight: float
+) -> tuple[float, float]:
+    r"""The EMA rule: new-value weight of one update and the new :math:`P_T`.
+
+    Args:
+        schedule: the decay schedule.
+        anchor: ``"init"`` (weight :math:`1-\beta`) or ``"debiased"``
+            (:math:`(1-\beta_t)/(1-P_t)`).
+        since: optimizer steps from ``start_step`` to the last update (>= 0).
+        steps: optimizer steps since the last update (>= 1).
+        init_weight: :math:`P_{T-1}`.
+
+    """
+    decay = schedule.decay_over(since, steps)
+    init = init_weight * decay
+    if anchor == "init":
+        return 1.0 - decay, init
+    # Debiased: w = (1 - beta_t) / (1 - P_t); P_t = 1 only if every decay was 1.
+    return ((1.0 - decay) / (1.0 - init) if init < 1.0 else 0.0), init
 
 
-class NonFiniteError(FloatingPointError):
-    """NaN or infinity in the live weights (``nonfinite="raise"``) or in the average."""
-
-
-def _positive_int(value: object, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-class EMA:
+class EMA(Averager):
     r"""Keep an exponential moving average ("shadow") of a model's weights.
 
     Args:
@@ -124,6 +134,9 @@ class EMA:
 
     """
 
+    FORMAT: ClassVar[str] = "emaweights.EMA"
+    CLOCK_FIELDS: ClassVar[tuple[str, ...]] = ("init_weight",)
+
     def __init__(
         self,
         model: nn.Module,
@@ -146,20 +159,18 @@ class EMA:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.schedule = as_schedule(decay)
-        self.update_every = _positive_int(update_every, "update_every")
-        self.start_step = _positive_int(start_step, "start_step", minimum=0)
+        self._init_clock(update_every=update_every, start_step=start_step, nonfinite=nonfinite)
         if anchor not in ("init", "debiased"):
             raise ValueError(f"anchor must be 'init' or 'debiased', got {anchor!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if isinstance(exclude, str):
             raise TypeError(f"exclude must be a sequence of patterns, got the string {exclude!r}")
-        if nonfinite not in ("check", "raise", "skip"):
-            raise ValueError(f"nonfinite must be 'check', 'raise' or 'skip', got {nonfinite!r}")
-        self.nonfinite: NonFinitePolicy = nonfinite
         self.anchor: Anchor = anchor
         self.model = model
-        self._options = dict(include_frozen=include_frozen, exclude=tuple(exclude), buffers=buffers)
+        self._options: dict[str, Any] = dict(
+            include_frozen=include_frozen, exclude=tuple(exclude), buffers=buffers
+        )
         self._dtype = dtype
         self._device = torch.device(device) if device is not None else None
         self._foreach = foreach
@@ -170,8 +181,6 @@ class EMA:
         if not isinstance(compiled, bool):
             raise TypeError(f"compiled must be a bool, got {compiled!r}")
         self._compiled = compiled
-        self._swap: SwapRecord | None = None
-        self._hook: Any = None
         self.register()
 
     # -- set-up ------------------------------------------------------------
@@ -184,7 +193,7 @@ class EMA:
         """
         self._refuse_while_applied("register")
         reshard(self.model)  # FSDP2: after an eval forward the root holds full, unsharded tensors
-        entries = collect(self.model, **self._options)  # type: ignore[arg-type]
+        entries = collect(self.model, **self._options)
         if not entries:
             raise ValueError(
                 "the model has no tensor to average (all parameters frozen or excluded: "
@@ -200,254 +209,37 @@ class EMA:
             overlap=self._overlap,
             compiled=self._compiled,
         )
-        self.step = 0  # optimizer steps seen
-        self.num_updates = 0  # averaging updates applied
-        self.skipped_updates = 0  # updates skipped for non-finite weights (nonfinite="skip")
-        self._last_step = 0  # optimizer step of the last update (or copy)
+        self._reset_clock()
         self.init_weight = 1.0  # P_T: weight of the starting weights in the average
 
-    # -- updates -----------------------------------------------------------
+    # -- the rule --------------------------------------------------------
 
-    @torch.no_grad()
-    def update(self, step: int | None = None) -> None:
-        """Fold the current weights into the average; call after ``optimizer.step()``.
+    def _rule(self) -> None:
+        self._shadow.average_(self._weight())
 
-        Args:
-            step: the optimizer step just taken (1 after the first step). Default:
-                one more than the last call. It must not go backwards.
+    def _on_copy(self) -> None:
+        super()._on_copy()
+        self.init_weight = 1.0
 
-        Raises:
-            SwapError: the averaged weights are swapped into the model.
-            ValueError: ``step`` is not an int, or goes backwards.
+    def next_weight(self) -> float:
+        """For fused drivers after :meth:`begin_update` returned True: this update's weight.
 
+        Advances :attr:`init_weight` and :attr:`num_updates`; the caller applies
+        ``shadow <- shadow + weight * (live - shadow)``.
         """
-        if self._due(step):
-            self._shadow.average_(self._weight())
-            self.num_updates += 1
-
-    def _due(self, step: int | None) -> bool:
-        """Advance the step counter; return whether this step averages.
-
-        Copies (before ``start_step``), skipped steps (``update_every``) and
-        skipped non-finite updates are handled here and return ``False``.
-        Shared with :class:`~emaweights.multi.MultiEMA`, which fuses the averaging.
-        """
-        self._refuse_while_applied("update")
-        saved = (self.step, self._last_step, self.init_weight)
-        try:
-            return self._advance(step)
-        except BaseException:
-            # A refused update (bad step, non-finite weights, changed model) has no effect.
-            self.step, self._last_step, self.init_weight = saved
-            raise
-
-    def _advance(self, step: int | None) -> bool:
-        if step is None:
-            self.step += 1
-        else:
-            if isinstance(step, bool) or not isinstance(step, int) or step < self.step:
-                raise ValueError(
-                    f"step must be an int >= the last step ({self.step}), got {step!r}"
-                )
-            self.step = step
-        if self.step <= self.start_step:
-            self._shadow.copy_from_live_()
-            self._last_step, self.init_weight = self.step, 1.0
-            return False
-        if (self.step - self.start_step) % self.update_every:
-            return False
-        if self.num_updates % _CHECK_EVERY == 0 or self._shadow.live_moved():
-            self._check_model()
-        if self.nonfinite != "check" and not self._shadow.live_all_finite():
-            if self.nonfinite == "raise":
-                raise NonFiniteError(
-                    f"non-finite live weights at optimizer step {self.step}; the average is "
-                    "unchanged (nonfinite='skip' skips such updates instead)"
-                )
-            self.skipped_updates += 1
-            self._last_step = self.step  # the skipped steps do not age the average
-            return False
-        return True
+        self.num_updates += 1
+        return self._weight()
 
     def _weight(self) -> float:
         """Weight of the live weights for this update, advancing :attr:`init_weight`."""
-        steps = self.step - self._last_step
-        decay = self.schedule.decay_over(self._last_step - self.start_step, steps)
-        self._last_step = self.step
-        self.init_weight *= decay
-        if self.anchor == "init":
-            return 1.0 - decay
-        # Debiased: w = (1 - beta_t) / (1 - P_t); P_t = 1 only if every decay was 1.
-        return (1.0 - decay) / (1.0 - self.init_weight) if self.init_weight < 1.0 else 0.0
-
-    # -- evaluation --------------------------------------------------------
-
-    @property
-    def is_applied(self) -> bool:
-        """Whether the averaged weights are swapped into the model now."""
-        return self._swap is not None
-
-    def apply_shadow(self) -> None:
-        """Swap the averaged weights into the model (by pointer); undo with :meth:`restore`.
-
-        While applied, an ``optimizer.step()`` over these parameters raises
-        before it changes anything, and :meth:`update` raises.
-
-        Raises:
-            SwapError: already applied (a second call would lose the live weights).
-
-        """
-        self._refuse_while_applied("apply_shadow")
-        self._check_model()
-        self._check_finite("apply_shadow")
-        self._swap = self._shadow.swap_in()
-        swapped = {id(e.get()) for e, _ in self._swap.held if e.kind == "param"}
-        self._hook = register_optimizer_step_pre_hook(
-            lambda opt, args, kwargs: self._refuse_step(opt, swapped)
+        since = self._last_step - self.start_step  # >= 0: the clock clamps jumps
+        weight, self.init_weight = ema_weight(
+            self.schedule, self.anchor, since, self.step - self._last_step, self.init_weight
         )
-
-    def restore(self) -> None:
-        """Put the live weights back after :meth:`apply_shadow`.
-
-        Raises:
-            SwapError: nothing is applied; or the averaged weights were modified
-                in place while applied (the live weights are restored first).
-
-        """
-        if self._swap is None:
-            raise SwapError("restore() called but the averaged weights are not applied")
-        record, self._swap = self._swap, None
-        self._hook.remove()
-        reshard(self.model)  # FSDP2: drop full tensors gathered from the average
-        modified = self._shadow.swap_out(record)
-        if modified:
-            raise SwapError(
-                "the averaged weights were modified in place while applied (an optimizer "
-                f"step or in-place op on the evaluation weights): {modified[:10]}"
-                + (f" and {len(modified) - 10} more" if len(modified) > 10 else "")
-                + "; the live weights are restored, the average is no longer trustworthy"
-            )
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[nn.Module]:
-        """Context manager: evaluate with the averaged weights, restored on exit.
-
-        Yields the model. Restores in ``finally``, so an exception inside the
-        block leaves the live weights in place. Nesting is refused.
-        """
-        self.apply_shadow()
-        try:
-            yield self.model
-        finally:
-            self.restore()
-
-    def _check_model(self) -> None:
-        """Raise if tensors changed shape, dtype or device, or were added, since creation."""
-        reshard(self.model)  # FSDP2: an eval forward can leave full tensors in the modules
-        self._shadow.check_live()
-        now = {e.name for e in collect(self.model, **self._options)}  # type: ignore[arg-type]
-        added = sorted(now - set(self._shadow.names()))
-        if added:
-            raise RuntimeError(
-                f"the model gained tensors after the EMA was made: {added[:10]}"
-                + (f" and {len(added) - 10} more" if len(added) > 10 else "")
-                + "; make a new EMA (or call register()) to average them"
-            )
-
-    def _check_finite(self, what: str) -> None:
-        bad = self._shadow.nonfinite_names()
-        if bad:
-            raise NonFiniteError(
-                f"{what}: the average holds NaN or infinity in {bad[:10]}"
-                + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-                + " (the live weights were non-finite at some update; use nonfinite='raise' "
-                "or 'skip' to catch it when it happens)"
-            )
-
-    def _refuse_while_applied(self, what: str) -> None:
-        if self._swap is not None:
-            raise SwapError(
-                f"{what}() called while the averaged weights are applied; call restore() first"
-            )
-
-    @staticmethod
-    def _refuse_step(optimizer: torch.optim.Optimizer, swapped: set[int]) -> None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) in swapped:
-                    raise SwapError(
-                        f"{type(optimizer).__name__}.step() called while the averaged weights are "
-                        "applied: it would train the average. Leave `with ema.applied():` "
-                        "(or call ema.restore()) first"
-                    )
-
-    # -- results -----------------------------------------------------------
-
-    @property
-    def shadow(self) -> dict[str, Tensor]:
-        """The averaged tensors by canonical name (views into the shadow storage)."""
-        return self._shadow.state()
-
-    def copy_to(self, model: nn.Module | None = None) -> None:
-        """Write the averaged weights into ``model`` (default: the EMA's own model) for good.
-
-        Raises:
-            SwapError: the average is applied to the EMA's model.
-            KeyError: ``model`` lacks some averaged tensor (names listed).
-
-        """
-        self._refuse_while_applied("copy_to")
-        self._check_finite("copy_to")
-        if model is None or unwrap(model) is unwrap(self.model):
-            reshard(self.model)  # FSDP2: else the next forward reuses gathered live tensors
-            self._shadow.copy_to_live_()
-            return
-        _load_into(model, self.averaged_state_dict())
-
-    def averaged_state_dict(self) -> dict[str, Tensor]:
-        """A plain model state dict (canonical names) holding the averaged weights.
-
-        Tensors that are not averaged (frozen parameters, ignored buffers) hold
-        the live values; every tensor has the model's dtype and device and owns
-        its memory, so the result can be saved anywhere or loaded with
-        ``model.load_state_dict``.
-        """
-        self._check_finite("averaged_state_dict")
-        out = {}
-        with torch.no_grad():
-            from emaweights._naming import canonical_name
-
-            for key, value in unwrap(self.model).state_dict().items():
-                name = canonical_name(key)
-                avg = self._shadow.tensors.get(name)
-                out[name] = (avg if avg is not None else value).to(
-                    value.device, value.dtype, copy=True
-                )
-        return out
+        self._last_step = self.step
+        return weight
 
     # -- checkpoints -------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """The EMA's full state: shadow tensors, counters and configuration.
-
-        Only tensors and plain Python values, so it loads with
-        ``torch.load(..., weights_only=True)``.
-
-        Raises:
-            NonFiniteError: the average holds NaN or infinity (never saved silently).
-        """
-        self._check_finite("state_dict")
-        return {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "step": self.step,
-            "last_step": self._last_step,
-            "num_updates": self.num_updates,
-            "skipped_updates": self.skipped_updates,
-            "init_weight": self.init_weight,
-            "config": self._config(),
-            "shadow": self._shadow.state(),
-        }
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -458,39 +250,17 @@ class EMA:
             "nonfinite": self.nonfinite,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Restore what :meth:`state_dict` returned.
+    def _extra_state(self) -> dict[str, Any]:
+        return {"init_weight": self.init_weight}
 
-        Every field is validated before anything changes, so a bad state
-        (another architecture, a truncated or hand-edited file) leaves the EMA
-        exactly as it was.
+    def _parse_extra(self, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+        return _parse_ema_fields(state)
 
-        Args:
-            state: the saved state.
-            strict: require the same tensor names, dtypes and configuration.
-                With ``strict=False`` the saved configuration (schedule,
-                ``update_every``, ``start_step``, ``anchor``, ``nonfinite``) is
-                adopted and only the tensors present in both are loaded.
-
-        Raises:
-            ValueError: not an EMA state, a malformed field, or a mismatch
-                (each one listed).
-            KeyError: missing or unexpected tensor names (listed).
-        """
-        self._refuse_while_applied("load_state_dict")
-        parsed = _parse_state(state)
+    def _commit_extra(self, parsed: Mapping[str, Any]) -> None:
         config = parsed["config"]
-        if strict and config != self._config():
-            diff = {k: (config.get(k), v) for k, v in self._config().items() if config.get(k) != v}
-            raise ValueError(
-                f"EMA configuration differs from the saved one (saved, current): {diff}"
-            )
-        self._shadow.load_(parsed["shadow"], strict=strict)
         self.schedule = parsed["schedule"]
         self.update_every, self.start_step = config["update_every"], config["start_step"]
         self.anchor, self.nonfinite = config["anchor"], config["nonfinite"]
-        self.step, self._last_step = parsed["step"], parsed["last_step"]
-        self.num_updates, self.skipped_updates = parsed["num_updates"], parsed["skipped_updates"]
         self.init_weight = parsed["init_weight"]
 
     def __repr__(self) -> str:
@@ -502,73 +272,35 @@ class EMA:
         )
 
 
-def _load_into(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Load a canonical-name state dict into a (possibly wrapped) model, strictly."""
-    target = unwrap(model)
-    result = target.load_state_dict(dict(state), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise KeyError(
-            f"model does not match the EMA: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}"
-        )
-
-
-def _is(value: object, kind: type, *allowed: object) -> bool:
-    """Whether ``value`` is a plain ``kind`` (not a bool or tensor) equal to one of ``allowed``."""
-    return type(value) is kind and value in allowed
-
-
-def _parse_state(state: object) -> dict[str, Any]:
-    """Validate a saved EMA state field by field; raise ``ValueError`` naming the bad one."""
-    # Type checks come before comparisons: a tensor compared to a str or int has no truth value.
-    if not isinstance(state, Mapping) or not _is(state.get("format"), str, _FORMAT):
-        found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(f"not an emaweights EMA state (format {found!r}, expected {_FORMAT!r})")
-    if not _is(state.get("version"), int, _VERSION):
-        raise ValueError(
-            f"unsupported EMA state version {state.get('version')!r}, expected {_VERSION}"
-        )
-    missing = [
-        k
-        for k in ("step", "last_step", "num_updates", "init_weight", "shadow", "config")
-        if k not in state
-    ]
-    if missing:
-        raise ValueError(f"EMA state lacks the fields {missing}")
-    out: dict[str, Any] = {
-        k: _positive_int(state.get(k, 0), f"saved {k}", minimum=0)
-        for k in ("step", "last_step", "num_updates", "skipped_updates")
-    }
-    if out["last_step"] > out["step"]:
-        raise ValueError(
-            f"saved last_step {out['last_step']!r} is after the saved step {out['step']!r}"
-        )
+def _parse_ema_fields(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the EMA's own state fields; raise ``ValueError`` naming the bad one."""
+    if "init_weight" not in state:
+        raise ValueError("EMA state lacks the fields ['init_weight']")
     w0 = state["init_weight"]
     if isinstance(w0, bool) or not isinstance(w0, (int, float)) or not 0.0 <= w0 <= 1.0:
-        raise ValueError(f"saved init_weight must be a number in [0, 1], got {w0!r}")
-    out["init_weight"] = float(w0)
-    if not isinstance(state["shadow"], Mapping):
-        raise ValueError(
-            f"saved shadow must be a mapping of tensors, got {type(state['shadow']).__name__}"
-        )
-    out["shadow"] = state["shadow"]
+        raise ValueError(f"saved init_weight must be a number in [0, 1], got {str(w0)[:80]}")
     config = state["config"]
-    if not isinstance(config, Mapping) or not isinstance(config.get("schedule"), Mapping):
-        raise ValueError(f"saved config is malformed: {config!r:.200}")
+    if not isinstance(config.get("schedule"), Mapping):
+        raise ValueError(f"saved config is malformed: {str(config)[:200]}")
     try:
-        out["schedule"] = schedule_from_dict(dict(config["schedule"]))
+        schedule = schedule_from_dict(dict(config["schedule"]))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"saved schedule is invalid: {err}") from err
+        raise ValueError(f"saved schedule is invalid: {str(err)[:200]}") from err
     anchor, nonfinite = config.get("anchor"), config.get("nonfinite", "check")
-    if not _is(anchor, str, "init", "debiased"):
-        raise ValueError(f"saved anchor must be 'init' or 'debiased', got {anchor!r}")
-    if not _is(nonfinite, str, "check", "raise", "skip"):
-        raise ValueError(f"saved nonfinite must be 'check', 'raise' or 'skip', got {nonfinite!r}")
-    out["config"] = {
-        "schedule": out["schedule"].to_dict(),  # normalized: safe to compare
-        "update_every": _positive_int(config.get("update_every"), "saved update_every"),
-        "start_step": _positive_int(config.get("start_step"), "saved start_step", minimum=0),
-        "anchor": anchor,
-        "nonfinite": nonfinite,
+    if not is_plain(anchor, str, "init", "debiased"):
+        raise ValueError(f"saved anchor must be 'init' or 'debiased', got {str(anchor)[:80]}")
+    if not is_plain(nonfinite, str, "check", "raise", "skip"):
+        raise ValueError(
+            f"saved nonfinite must be 'check', 'raise' or 'skip', got {str(nonfinite)[:80]}"
+        )
+    return {
+        "init_weight": float(w0),
+        "schedule": schedule,
+        "config": {
+            "schedule": schedule.to_dict(),  # normalized: safe to compare
+            "update_every": positive_int(config.get("update_every"), "saved update_every"),
+            "start_step": positive_int(config.get("start_step"), "saved start_step", minimum=0),
+            "anchor": anchor,
+            "nonfinite": nonfinite,
+        },
     }
-    return out

@@ -14,6 +14,7 @@ demand, not per step, so the training loop pays only one copy per epoch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +28,7 @@ __all__ = ["LAWA"]
 
 
 class LAWA:
-    """Average of the last ``k`` snapshots (taken by :meth:`snapshot`, e.g. at epoch ends).
+    """Average of the last ``k`` snapshots (taken by :meth:`update`, e.g. at epoch ends).
 
     Args:
         model: the model.
@@ -61,14 +62,40 @@ class LAWA:
         self._device = torch.device(device) if device is not None else None
         self._ring: list[Shadow] = []
         self._next = 0  # ring index the next snapshot overwrites, once full
+        self.step = 0  # optimizer steps seen
+        self.num_updates = 0  # snapshots taken
 
     @property
     def n_snapshots(self) -> int:
         """Snapshots in the window now (at most ``k``)."""
         return len(self._ring)
 
+    def update(self, step: int | None = None) -> None:
+        """Add the current weights to the window, dropping the oldest once it holds ``k``.
+
+        Args:
+            step: the optimizer step (default: one more than the last call); it
+                must not go backwards.
+
+        Raises:
+            ValueError: ``step`` is not an int or goes backwards.
+
+        """
+        new = self.step + 1 if step is None else step
+        if isinstance(new, bool) or not isinstance(new, int) or new < self.step:
+            raise ValueError(f"step must be an int >= the last step ({self.step}), got {step!r}")
+        self.step = new
+        self.num_updates += 1
+        self._add()
+
     def snapshot(self) -> None:
-        """Add the current weights to the window, dropping the oldest once it holds ``k``."""
+        """Deprecated alias of :meth:`update` (the one verb every averager shares)."""
+        warnings.warn(
+            "LAWA.snapshot() is deprecated; call LAWA.update()", DeprecationWarning, stacklevel=2
+        )
+        self.update()
+
+    def _add(self) -> None:
         if len(self._ring) < self.k:
             self._ring.append(Shadow(self._entries, device=self._device))
             return

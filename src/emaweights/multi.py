@@ -64,17 +64,28 @@ class MultiEMA:
     ) -> None:
         if isinstance(decays, (str, bytes)) or not isinstance(decays, Sequence) or not decays:
             raise ValueError(f"decays must be a non-empty sequence, got {decays!r}")
+        for name, unsupported in (
+            ("rounding", "stochastic"),
+            ("compiled", True),
+            ("overlap", True),
+        ):
+            if name in options and options[name] == unsupported:
+                # The fused [n, numel] kernel has no such path: refuse rather than ignore.
+                raise ValueError(
+                    f"MultiEMA does not support {name}={unsupported!r} (its fused update has "
+                    "no such path); use one EMA per decay instead"
+                )
         self.model = model
         self.emas = [EMA(model, d, **options) for d in decays]
         self._blocks = [
-            _restack([e._shadow for e in self.emas], gi)
-            for gi in range(len(self.emas[0]._shadow.averaged))
+            _restack([e.storage for e in self.emas], gi)
+            for gi in range(len(self.emas[0].storage.averaged))
         ]
         self._casts: dict[int, Tensor] = {}  # mixed-dtype groups: see _cast_buffer
         # The [n, 1] weight column of each group, allocated once and refilled per update.
         self._weights = [
             torch.empty(len(self.emas), 1, dtype=g.flat.dtype, device=g.flat.device)
-            for g in self.emas[0]._shadow.averaged
+            for g in self.emas[0].storage.averaged
         ]
 
     def _cast_buffer(self, blocks: list[Tensor]) -> Tensor:
@@ -100,6 +111,20 @@ class MultiEMA:
         return self.emas[0].step
 
     @property
+    def num_updates(self) -> int:
+        """Averaging updates applied (the same for every decay)."""
+        return self.emas[0].num_updates
+
+    @property
+    def is_applied(self) -> bool:
+        """Whether one of the averages is swapped into the model now."""
+        return any(e.is_applied for e in self.emas)
+
+    def copy_to(self, model: nn.Module | None = None, index: int = 0) -> None:
+        """Write the ``index``-th average into ``model`` (see :meth:`EMA.copy_to`)."""
+        self.emas[index].copy_to(model)
+
+    @property
     def init_weights(self) -> list[float]:
         r"""Weight on the starting weights, :math:`P^{(i)}_T`, per decay."""
         return [e.init_weight for e in self.emas]
@@ -113,15 +138,25 @@ class MultiEMA:
 
         """
         # Every EMA has the same step counters and checks, so they agree on
-        # whether this step averages; the first decides, the others follow.
-        due = [e._due(step) for e in self.emas]
+        # whether this step averages; a refusal by any leaves every clock as it was.
+        saved = [e.clock() for e in self.emas]
+        try:
+            due = [e.begin_update(step) for e in self.emas]
+        except BaseException:
+            for e, c in zip(self.emas, saved, strict=True):
+                e.set_clock(c)
+            raise
         if not due[0]:
             return
-        weights = [e._weight() for e in self.emas]
-        first = self.emas[0]._shadow
+        weights = [e.next_weight() for e in self.emas]
+        first = self.emas[0].storage
         for g, blocks, w in zip(first.averaged, self._blocks, self._weights, strict=True):
             _fill(w, weights)
             rows = [t.reshape(1, -1) for t in live_on_shadow_device(g, first.foreach)]
+            if rows and rows[0].dtype == blocks[0].dtype and first.foreach is False:
+                for block, row in zip(blocks, rows, strict=True):  # the per-tensor reference
+                    block.lerp_(row, w)
+                continue
             if rows and rows[0].dtype == blocks[0].dtype:
                 # One call for the group: the per-tensor broadcasts run in C++, not Python.
                 torch._foreach_lerp_(blocks, rows, [w] * len(blocks))
@@ -134,16 +169,15 @@ class MultiEMA:
                 staged.copy_(row)
                 block.lerp_(staged, w)
         for e in self.emas:
-            e._shadow.copy_copied_()
-            e.num_updates += 1
+            e.storage.copy_copied_()
 
     @contextlib.contextmanager
-    def applied(self, index: int) -> Iterator[nn.Module]:
+    def applied(self, index: int = 0) -> Iterator[nn.Module]:
         """Evaluate with the ``index``-th average swapped in (see :meth:`EMA.applied`)."""
         with self.emas[index].applied() as model:
             yield model
 
-    def averaged_state_dict(self, index: int) -> dict[str, Tensor]:
+    def averaged_state_dict(self, index: int = 0) -> dict[str, Tensor]:
         """A model state dict holding the ``index``-th average."""
         return self.emas[index].averaged_state_dict()
 
@@ -164,15 +198,11 @@ class MultiEMA:
         if not isinstance(emas, Sequence) or len(emas) != len(self.emas):
             n = len(emas) if isinstance(emas, Sequence) else emas
             raise ValueError(f"saved MultiEMA holds {n!r} decays, this one {len(self.emas)}")
-        # EMA.load_state_dict validates before writing; check all before loading any.
-        backup = [_cloned(e.state_dict()) for e in self.emas]
-        try:
-            for e, s in zip(self.emas, emas, strict=True):
-                e.load_state_dict(s, strict=strict)
-        except (ValueError, KeyError):
-            for e, s in zip(self.emas, backup, strict=True):
-                e.load_state_dict(s, strict=False)
-            raise
+        # Validate every member before loading any (no backup through state_dict(),
+        # which refuses a NaN-poisoned average: a good checkpoint must always recover).
+        commits = [e.prepare_load(s, strict) for e, s in zip(self.emas, emas, strict=True)]
+        for commit in commits:
+            commit()
 
     def __repr__(self) -> str:
         return f"MultiEMA(decays={[str(e.schedule) for e in self.emas]}, step={self.step})"
@@ -190,11 +220,6 @@ def _fill(column: Tensor, values: list[float]) -> None:
     else:
         host = torch.tensor(values, dtype=column.dtype).view(-1, 1)
         column.copy_(host.pin_memory() if torch.cuda.is_available() else host, non_blocking=True)
-
-
-def _cloned(state: dict[str, Any]) -> dict[str, Any]:
-    """A state dict whose shadow tensors own their memory (``state_dict`` returns views)."""
-    return {**state, "shadow": {k: v.clone() for k, v in state["shadow"].items()}}
 
 
 def _restack(shadows: list[Shadow], gi: int) -> list[Tensor]:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from emaweights import functional as F
 from emaweights._naming import Entry
-from emaweights.distributed import (
+from emaweights._sharding import (
     any_across_ranks,
     distribute_like,
     is_sharded,
@@ -42,7 +42,7 @@ from emaweights.distributed import (
     wrap_like,
 )
 
-__all__ = ["Rounding", "Shadow", "SwapRecord", "shadow_dtype_for"]
+__all__ = ["Rounding", "Shadow", "SwapRecord", "shadow_dtype_for", "undo_swap"]
 
 Rounding = Literal["nearest", "stochastic"]
 
@@ -390,8 +390,53 @@ class SwapRecord:
     """What :meth:`Shadow.swap_in` changed, so that :meth:`Shadow.swap_out` can undo it."""
 
     held: list[tuple[Entry, Tensor]]  # (entry, the live tensor or its data, to put back)
-    swapped: list[Tensor]  # what the model holds while swapped, in the same order
-    versions: list[int]  # version counters of ``swapped`` right after the swap
+    swapped: list[Tensor]  # the Parameter, shard or buffer copy the model holds while swapped
+    versions: dict[int, int]  # version counters of the swapped parameters, by id
+    fingerprint: Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    def hand_over(self, below: SwapRecord) -> list[tuple[Entry, Tensor]]:
+        """Take over what ``below`` (swapped in before this one) would put back.
+
+        Used when ``below`` is restored while this record is still swapped in:
+        this record now puts back the true live tensors of the entries both
+        share; the entries only ``below`` swapped are returned, to restore now.
+        """
+        mine = {e.name: i for i, (e, _) in enumerate(self.held)}
+        rest = []
+        for e, old in below.held:
+            i = mine.get(e.name)
+            if i is None:
+                rest.append((e, old))
+            elif e.kind == "param" and is_sharded(e.get()):
+                self.held[i] = (e, old)  # a copy of the live shard: keep the oldest
+            else:
+                self.held[i] = (self.held[i][0], old)
+        return rest
+
+
+def undo_swap(record: SwapRecord, held: Sequence[tuple[Entry, Tensor]] | None = None) -> None:
+    """Put back what ``record`` (or just its entries ``held``) swapped out."""
+    with torch.inference_mode(False), torch.no_grad():
+        for e, old in record.held if held is None else held:
+            live = e.get()
+            if e.kind == "param" and is_sharded(live):
+                local(live).copy_(old)
+            elif e.kind == "param":
+                live.data = old
+            else:
+                e.module._buffers[e.attr] = old
+
+
+def _fingerprint(tensors: Sequence[Tensor]) -> Tensor:
+    """Per tensor: its sum and 2-norm in float64 (changes under almost any in-place write)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        d = local(t).detach()
+        pair = [d.sum(dtype=torch.float64), torch.linalg.vector_norm(d, dtype=torch.float64)]
+        by_device.setdefault(d.device, []).extend(pair)
+    # one host transfer per device, not per tensor
+    parts = [torch.stack(v).cpu() for v in by_device.values()]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 class Shadow:
@@ -639,53 +684,87 @@ class Shadow:
     # -- swapping ----------------------------------------------------------
 
     def swap_in(self) -> SwapRecord:
-        """Put the shadow into the model: parameters by pointer, buffers by copy."""
-        self.flush_()
-        held: list[tuple[Entry, Tensor]] = []
-        swapped: list[Tensor] = []
-        for g in self.averaged + self.copied:
-            for e, v in zip(g.entries, g.views, strict=True):
-                live = e.get()
-                if e.kind == "param" and is_sharded(live):
-                    # FSDP2 and ZeRO-3 all-gather from their shard storage: copy into it, keep
-                    # the live shard.
-                    shard = local(live)
-                    held.append((e, shard.clone()))
-                    shard.copy_(v)
-                    swapped.append(shard)
-                    continue
-                # Parameters by pointer where dtype and device agree. Buffers always by
-                # copy: they are small, and writes that bypass version counters (DDP
-                # broadcasts rank 0's buffers at each forward) must not reach the average.
-                same = v.dtype == live.dtype and v.device == live.device
-                new = (
-                    v if (same and e.kind == "param") else v.to(live.device, live.dtype, copy=True)
-                )
-                if e.kind == "param":
-                    held.append((e, live.data))
-                    live.data = new
-                else:
-                    held.append((e, live))
-                    e.module._buffers[e.attr] = new
-                swapped.append(new if e.kind != "param" else live)
-        return SwapRecord(held, swapped, [t._version for t in swapped])
+        """Put the shadow into the model: parameters by pointer, buffers by copy.
 
-    def swap_out(self, record: SwapRecord) -> list[str]:
-        """Undo :meth:`swap_in`; return the names of tensors modified in place meanwhile."""
-        modified = [
-            e.name
-            for (e, _), t, ver in zip(record.held, record.swapped, record.versions, strict=True)
-            if t._version != ver
-        ]
-        for e, old in record.held:
-            if e.kind == "param" and is_sharded(live := e.get()):
-                with torch.no_grad():
-                    local(live).copy_(old)
-            elif e.kind == "param":
-                e.get().data = old
-            else:
-                e.module._buffers[e.attr] = old
-        return modified
+        Works under ``torch.inference_mode()``: the copies are made as normal
+        tensors, so their version counters can be read. If anything fails half
+        way, the tensors already swapped are put back before the error propagates.
+        """
+        self.flush_()
+        record = SwapRecord([], [], {})
+        with torch.inference_mode(False), torch.no_grad():
+            try:
+                for g in self.averaged + self.copied:
+                    for e, v in zip(g.entries, g.views, strict=True):
+                        self._swap_one(record, e, v)
+            except BaseException:
+                undo_swap(record)
+                raise
+            params = [
+                t
+                for (e, _), t in zip(record.held, record.swapped, strict=True)
+                if e.kind == "param"
+            ]
+            record.versions = {id(t): t._version for t in params}
+            record.fingerprint = _fingerprint(params)
+        return record
+
+    @staticmethod
+    def _swap_one(record: SwapRecord, e: Entry, v: Tensor) -> None:
+        live = e.get()
+        if e.kind == "param" and is_sharded(live):
+            # FSDP2 and ZeRO-3 all-gather from their shard storage: copy into it, keep
+            # the live shard.
+            shard = local(live)
+            record.held.append((e, shard.clone()))
+            record.swapped.append(shard)
+            shard.copy_(v)
+            return
+        # Parameters by pointer where dtype and device agree. Buffers always by
+        # copy: they are small, and writes that bypass version counters (DDP
+        # broadcasts rank 0's buffers at each forward) must not reach the average.
+        same = v.dtype == live.dtype and v.device == live.device
+        new = v if (same and e.kind == "param") else v.to(live.device, live.dtype, copy=True)
+        if e.kind == "param":
+            record.held.append((e, live.data))
+            record.swapped.append(live)
+            live.data = new
+        else:
+            record.held.append((e, live))
+            record.swapped.append(new)
+            e.module._buffers[e.attr] = new
+
+    def swap_out(self, record: SwapRecord, *, keep_buffers: bool = False) -> list[str]:
+        """Undo :meth:`swap_in`; return the names of parameters modified meanwhile.
+
+        Only the averaged parameters are checked (version counter and a content
+        fingerprint, which also catches writes through ``p.data``); buffers
+        written by a train-mode forward are not an error. With ``keep_buffers``
+        the buffers' values at this point are written into the shadow (so that
+        statistics recomputed inside the swap, e.g. by
+        :func:`~emaweights.swa.update_bn`, become part of the average).
+        """
+        with torch.inference_mode(False), torch.no_grad():
+            params = [
+                t
+                for (e, _), t in zip(record.held, record.swapped, strict=True)
+                if e.kind == "param"
+            ]
+            moved = [
+                n
+                for (e, _), t in zip(record.held, record.swapped, strict=True)
+                if e.kind == "param" and t._version != record.versions.get(id(t))
+                for n in [e.name]
+            ]
+            if not moved and not torch.equal(_fingerprint(params), record.fingerprint):
+                # written around the version counter (through ``p.data``)
+                moved = ["the parameters' contents (written through .data)"]
+            if keep_buffers:
+                for (e, _), t in zip(record.held, record.swapped, strict=True):
+                    if e.kind != "param" and e.name in self.local_tensors:
+                        self.local_tensors[e.name].copy_(t)
+            undo_swap(record)
+        return moved
 
     # -- state -------------------------------------------------------------
 
@@ -694,21 +773,20 @@ class Shadow:
         self.flush_()
         return dict(self.tensors)
 
-    def load_(self, state: Mapping[str, Tensor], *, strict: bool = True) -> None:
-        """Copy ``state`` into the shadow after checking every name, shape and dtype.
-
-        Nothing is written unless every check passes.
+    def validate(self, state: Mapping[str, Tensor], *, strict: bool = True) -> None:
+        """Check every name, shape, dtype and value of ``state`` against the shadow.
 
         Raises:
             KeyError: names missing or unexpected (``strict``), listed.
-            ValueError: shape or dtype mismatches, listed.
+            ValueError: shape or dtype mismatches, non-finite values, or values
+                the shadow dtype cannot hold (``strict=False`` casts), listed.
 
         """
         missing = sorted(set(self.tensors) - set(state))
-        unexpected = sorted(set(state) - set(self.tensors), key=str)  # keys may not be str
+        unexpected = sorted(set(state) - set(self.tensors), key=str)[:20]  # keys may not be str
         if strict and (missing or unexpected):
             raise KeyError(
-                f"EMA state does not match the model: missing {missing}, unexpected {unexpected}"
+                f"state does not match the model: missing {missing[:20]}, unexpected {unexpected}"
             )
         bad = []
         for name in sorted(set(self.tensors).intersection(state)):
@@ -725,8 +803,22 @@ class Shadow:
                 bad.append(f"{name}: dtype {src.dtype} cannot be cast to {dst.dtype}")
             elif src.is_floating_point() and not bool(torch.isfinite(src).all()):
                 bad.append(f"{name}: holds NaN or infinity")
+            elif src.is_floating_point() and src.dtype != dst.dtype and src.numel():
+                limit = torch.finfo(dst.dtype).max
+                if float(src.detach().abs().max()) > limit:
+                    bad.append(f"{name}: values beyond {dst.dtype}'s range would become infinite")
         if bad:
-            raise ValueError("EMA state does not match the model: " + "; ".join(bad))
+            raise ValueError("state does not match the model: " + "; ".join(bad[:20]))
+
+    def load_(
+        self, state: Mapping[str, Tensor], *, strict: bool = True, validated: bool = False
+    ) -> None:
+        """Copy ``state`` into the shadow after :meth:`validate` (skipped if ``validated``).
+
+        Nothing is written unless every check passes.
+        """
+        if not validated:
+            self.validate(state, strict=strict)
         names = [n for n in self.tensors if n in state]
         self.flush_()  # a partial load keeps the other tensors: complete them first
         with torch.no_grad():

@@ -55,6 +55,14 @@ class SWA(EMA):
             model, PowerFunction(0.0), update_every=update_every, start_step=start_step, **options
         )
 
+    KEEP_BUFFERS = True  # update_bn inside applied() writes the statistics into the average
+
+    def _weight(self) -> float:
+        """Every averaged point weighs the same, whatever the step spacing or skips."""
+        self._last_step = self.step
+        self.init_weight = 0.0
+        return 1.0 / (self.num_updates + 1)
+
     @property
     def n_averaged(self) -> int:
         """Points averaged so far."""

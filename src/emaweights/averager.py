@@ -1,0 +1,611 @@
+r"""The averager protocol and the one base every averager is built on.
+
+Every averager in emaweights (:class:`~emaweights.EMA`, :class:`~emaweights.SWA`,
+:class:`~emaweights.LAWA`, :class:`~emaweights.BEMA`, :class:`~emaweights.SwitchEMA`,
+...) has the same surface, :class:`AveragerProtocol`:
+
+* ``update(step=None)`` after every optimizer step;
+* ``applied()``: a context manager that swaps the averaged weights into the model
+  and restores the live ones in ``finally`` (and the seed API's
+  ``apply_shadow()`` / ``restore()``);
+* ``averaged_state_dict()`` and ``copy_to(model=None)``: the average as a plain
+  model state dict, every tied alias included;
+* ``state_dict()`` / ``load_state_dict(state, strict=True)``: tensors and plain
+  values only (``torch.load(weights_only=True)``), versioned, refused intact;
+* ``step`` (optimizer steps seen) and ``num_updates`` (averaging updates applied).
+
+:class:`Averager` implements all of it once, by composition over a
+:class:`~emaweights.shadow.Shadow` (the storage): the step clock (validated once;
+a rule never sees a step before ``start_step``), swap ownership (a per-model
+record of who swapped in, so that several averagers can be applied and restored
+in any order), the in-place guards, alias-aware export, finiteness checks and
+the state format. A method supplies only its rule, :meth:`Averager._rule`, over
+the storage's tensor lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from emaweights._naming import canonical_name, collect, unwrap
+from emaweights.shadow import Shadow, SwapRecord, undo_swap
+
+__all__ = [
+    "Averager",
+    "AveragerProtocol",
+    "NonFiniteError",
+    "NonFinitePolicy",
+    "SwapError",
+    "positive_int",
+]
+
+NonFinitePolicy = Literal["check", "raise", "skip"]
+Phase = Literal["copy", "wait", "skip", "update"]
+
+# The full (per-tensor) check of the model's tensors runs on the first update and
+# then every this many updates; between, one identity/pointer comparison per tensor.
+_CHECK_EVERY = 100
+# Counters above this are refused: no real run gets there, and it keeps loops bounded.
+MAX_STEP = 1 << 62
+
+
+class SwapError(RuntimeError):
+    """The averaged weights were misused while swapped in, or swapping was misused."""
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or infinity in the live weights (``nonfinite="raise"``) or in the average."""
+
+
+def positive_int(value: object, what: str, minimum: int = 1, maximum: int = MAX_STEP) -> int:
+    """``value`` if it is a plain int in [minimum, maximum], else ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ValueError(
+            f"{what} must be an integer in [{minimum}, {maximum}], got {_short(value)}"
+        )
+    return value
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """A bounded description of ``value`` (never a full repr of a hostile container)."""
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        text = repr(value) if not isinstance(value, str) else repr(value[:limit])
+        return text[:limit]
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"[:limit]
+    return f"a {type(value).__name__}"
+
+
+@runtime_checkable
+class AveragerProtocol(Protocol):
+    """What every averager offers (see the module docstring)."""
+
+    step: int
+    num_updates: int
+
+    def update(self, step: int | None = None) -> None: ...  # noqa: D102
+    def applied(self) -> contextlib.AbstractContextManager[nn.Module]: ...  # noqa: D102
+    def averaged_state_dict(self) -> dict[str, Tensor]: ...  # noqa: D102
+    def copy_to(self, model: nn.Module | None = None) -> None: ...  # noqa: D102
+    def state_dict(self) -> dict[str, Any]: ...  # noqa: D102
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None: ...  # noqa: D102
+
+
+# Who has swapped into which model, oldest first (keyed by the unwrapped module).
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, list[SwapRecord]] = weakref.WeakKeyDictionary()
+
+
+class Averager:
+    """The shared machinery of every averager; subclasses supply :meth:`_rule`.
+
+    A subclass sets :attr:`model` and :attr:`_shadow` (the storage swapped in and
+    exported), calls :meth:`_init_clock`, and implements :meth:`_rule` (fold the
+    live weights into the storage). For its state it overrides :meth:`_config`,
+    :meth:`_extra_state` and :meth:`_parse_extra` / :meth:`_commit_extra`.
+    """
+
+    FORMAT: ClassVar[str] = "emaweights.Averager"
+    VERSION: ClassVar[int] = 1
+    # Write buffers changed inside applied() back into the average (SWA + update_bn).
+    KEEP_BUFFERS: ClassVar[bool] = False
+    # Attributes that a refused update must leave as they were (besides the counters).
+    CLOCK_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    model: nn.Module
+    _shadow: Shadow
+
+    def _init_clock(
+        self, *, update_every: int = 1, start_step: int = 0, nonfinite: NonFinitePolicy = "check"
+    ) -> None:
+        self.update_every = positive_int(update_every, "update_every")
+        self.start_step = positive_int(start_step, "start_step", minimum=0)
+        if nonfinite not in ("check", "raise", "skip"):
+            raise ValueError(
+                f"nonfinite must be 'check', 'raise' or 'skip', got {_short(nonfinite)}"
+            )
+        self.nonfinite: NonFinitePolicy = nonfinite
+        self._swap: SwapRecord | None = None
+        self._hook: Any = None
+        self._reset_clock()
+
+    def _reset_clock(self) -> None:
+        self.step = 0  # optimizer steps seen
+        self.num_updates = 0  # averaging updates applied
+        self.skipped_updates = 0  # updates skipped for non-finite weights (nonfinite="skip")
+        self._last_step = 0  # optimizer step of the last update (or copy)
+        self._signature: tuple[list[Tensor], list[int]] | None = None
+
+    # -- storage -----------------------------------------------------------
+
+    @property
+    def storage(self) -> Shadow:
+        """The storage of the averaged tensors (for adapters such as ``distributed``)."""
+        return self._shadow
+
+    def _storages(self) -> dict[str, Shadow]:
+        """Every storage saved in the state, by state field (the first is the average)."""
+        return {"shadow": self._shadow}
+
+    # -- the clock -----------------------------------------------------------
+
+    @torch.no_grad()
+    def update(self, step: int | None = None) -> None:
+        """Fold the current weights into the average; call after ``optimizer.step()``.
+
+        Args:
+            step: the optimizer step just taken (1 after the first step). Default:
+                one more than the last call. It must not go backwards.
+
+        Raises:
+            SwapError: the averaged weights are swapped into the model.
+            ValueError: ``step`` is not an int, or goes backwards.
+            RuntimeError: the model changed (dtype, shape, device, a replaced
+                Parameter) since the averager was made; nothing changed.
+
+        A refused update has no effect at all: counters and storage are unchanged.
+        """
+        saved = self._save_clock()
+        try:
+            phase = self._tick(step)
+            if phase == "copy":
+                self._on_copy()
+            elif phase == "update":
+                self._rule()
+                self.num_updates += 1
+        except BaseException:
+            self._load_clock(saved)
+            raise
+
+    def begin_update(self, step: int | None = None) -> bool:
+        """Advance the clock as :meth:`update` does, without running the rule.
+
+        For fused drivers (:class:`~emaweights.MultiEMA` runs one kernel for
+        several EMAs): returns whether the rule is due now; the driver then
+        applies it (e.g. with :meth:`EMA.next_weight`). A refusal leaves the
+        clock unchanged; :meth:`clock` / :meth:`set_clock` let a driver undo a
+        partly done group.
+        """
+        saved = self._save_clock()
+        try:
+            phase = self._tick(step)
+            if phase == "copy":
+                self._on_copy()
+        except BaseException:
+            self._load_clock(saved)
+            raise
+        return phase == "update"
+
+    def clock(self) -> tuple[Any, ...]:
+        """The clock's state (opaque), for :meth:`set_clock`."""
+        return self._save_clock()
+
+    def set_clock(self, saved: tuple[Any, ...]) -> None:
+        """Put back a clock state taken by :meth:`clock`."""
+        self._load_clock(saved)
+
+    def _save_clock(self) -> tuple[Any, ...]:
+        fields = tuple(getattr(self, f) for f in self.CLOCK_FIELDS)
+        return (self.step, self._last_step, self.num_updates, self.skipped_updates, fields)
+
+    def _load_clock(self, saved: tuple[Any, ...]) -> None:
+        self.step, self._last_step, self.num_updates, self.skipped_updates, fields = saved
+        for f, v in zip(self.CLOCK_FIELDS, fields, strict=True):
+            setattr(self, f, v)
+
+    def _tick(self, step: int | None) -> Phase:
+        """Advance the clock; say what this step does. Validates everything first."""
+        self._refuse_while_applied("update")
+        new = self.step + 1 if step is None else step
+        if isinstance(new, bool) or not isinstance(new, int) or not self.step <= new <= MAX_STEP:
+            raise ValueError(
+                f"step must be an int >= the last step ({self.step}), got {_short(step)}"
+            )
+        self._check_signature()
+        self.step = new
+        if new <= self.start_step:
+            self._last_step = new
+            return "copy"
+        # A jump past start_step: the rule counts from start_step, never before it.
+        self._last_step = max(self._last_step, self.start_step)
+        if (new - self.start_step) % self.update_every:
+            return "wait"
+        if self.num_updates % _CHECK_EVERY == 0:
+            self._check_model()
+        if self.nonfinite != "check" and not self._shadow.live_all_finite():
+            if self.nonfinite == "raise":
+                raise NonFiniteError(
+                    f"non-finite live weights at optimizer step {new}; the average is "
+                    "unchanged (nonfinite='skip' skips such updates instead)"
+                )
+            self.skipped_updates += 1
+            self._last_step = new  # the skipped steps do not age the average
+            return "skip"
+        return "update"
+
+    def _check_signature(self) -> None:
+        """Refuse a model whose tensors were replaced or re-typed (cheap when unchanged).
+
+        Compares the tensors the modules hold now (by identity) and their data
+        pointers with those cached at the last check; any difference runs the
+        full per-tensor check, which names the changed tensor.
+        """
+        entries = list(self._shadow.entries.values())
+        now = [e.get() for e in entries]
+        ptrs = [t.data_ptr() for t in now]
+        sig = self._signature
+        if (
+            sig is not None
+            and ptrs == sig[1]
+            and all(a is b for a, b in zip(now, sig[0], strict=True))
+        ):
+            return
+        self._check_model()
+        self._signature = (now, ptrs)
+
+    def _on_copy(self) -> None:
+        """Before ``start_step``: the storage follows the live weights."""
+        for s in self._storages().values():
+            s.copy_from_live_()
+
+    def _rule(self) -> None:  # pragma: no cover - every subclass overrides it
+        """Fold the live weights into the storage (the method's update rule)."""
+        raise NotImplementedError
+
+    # -- checks ------------------------------------------------------------
+
+    def _check_model(self) -> None:
+        """Raise if tensors changed shape, dtype or device, or were added, since creation."""
+        from emaweights._sharding import reshard
+
+        reshard(self.model)  # FSDP2: an eval forward can leave full tensors in the modules
+        for s in self._storages().values():
+            s.check_live()
+        options = getattr(self, "_options", None)
+        if options is None:
+            return
+        now = {e.name for e in collect(self.model, **options)}
+        added = sorted(now - set(self._shadow.names()))
+        if added:
+            raise RuntimeError(
+                f"the model gained tensors after the averager was made: {added[:10]}"
+                + (f" and {len(added) - 10} more" if len(added) > 10 else "")
+                + "; make a new averager (or call register()) to average them"
+            )
+
+    def _check_finite(self, what: str) -> None:
+        bad = self._shadow.nonfinite_names()
+        if bad:
+            raise NonFiniteError(
+                f"{what}: the average holds NaN or infinity in {bad[:10]}"
+                + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+                + " (the live weights were non-finite at some update; use nonfinite='raise' "
+                "or 'skip' to catch it when it happens)"
+            )
+
+    def _refuse_while_applied(self, what: str) -> None:
+        if self._swap is not None:
+            raise SwapError(
+                f"{what}() called while the averaged weights are applied; call restore() first"
+            )
+
+    # -- swapping ----------------------------------------------------------
+
+    @property
+    def is_applied(self) -> bool:
+        """Whether the averaged weights are swapped into the model now."""
+        return self._swap is not None
+
+    def apply_shadow(self) -> None:
+        """Swap the averaged weights into the model (by pointer); undo with :meth:`restore`.
+
+        While applied, an ``optimizer.step()`` over these parameters raises
+        before it changes anything, and :meth:`update` raises. Several
+        averagers may be applied to one model and restored in any order.
+
+        Raises:
+            SwapError: already applied (a second call would lose the live weights).
+
+        """
+        self._refuse_while_applied("apply_shadow")
+        self._check_model()
+        self._check_finite("apply_shadow")
+        record = self._shadow.swap_in()
+        _OWNERS.setdefault(unwrap(self.model), []).append(record)
+        self._swap = record
+        swapped = {id(e.get()) for e, _ in record.held if e.kind == "param"}
+        self._hook = register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs: _refuse_step(opt, swapped)
+        )
+
+    def restore(self) -> None:
+        """Put the live weights back after :meth:`apply_shadow`.
+
+        If another averager swapped in after this one and is still applied, the
+        model keeps that one's weights, and restoring it later puts back the
+        live weights.
+
+        Raises:
+            SwapError: nothing is applied; or the averaged parameters were modified
+                in place while applied (the live weights are restored first).
+
+        """
+        from emaweights._sharding import reshard
+
+        if self._swap is None:
+            raise SwapError("restore() called but the averaged weights are not applied")
+        record, self._swap = self._swap, None
+        self._hook.remove()
+        reshard(self.model)  # FSDP2: drop full tensors gathered from the average
+        stack = _OWNERS.get(unwrap(self.model), [])
+        index = next((i for i, r in enumerate(stack) if r is record), len(stack) - 1)
+        if index == len(stack) - 1:
+            modified = self._shadow.swap_out(record, keep_buffers=self.KEEP_BUFFERS)
+        else:
+            # Another averager is applied on top: it now owns putting the live weights back.
+            undo_swap(record, stack[index + 1].hand_over(record))
+            modified = []
+        if stack:
+            del stack[index]
+        if modified:
+            raise SwapError(
+                "the averaged weights were modified in place while applied (an optimizer "
+                f"step or in-place op on the evaluation weights): {modified[:10]}"
+                + (f" and {len(modified) - 10} more" if len(modified) > 10 else "")
+                + "; the live weights are restored, the average is no longer trustworthy"
+            )
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[nn.Module]:
+        """Context manager: evaluate with the averaged weights, restored on exit.
+
+        Yields the model. Restores in ``finally``, so an exception inside the
+        block leaves the live weights in place. Nesting the same averager is refused.
+        Works under ``torch.no_grad()`` and ``torch.inference_mode()``.
+        """
+        self.apply_shadow()
+        try:
+            yield self.model
+        finally:
+            self.restore()
+
+    # -- results -----------------------------------------------------------
+
+    @property
+    def shadow(self) -> dict[str, Tensor]:
+        """The averaged tensors by canonical name (views into the storage)."""
+        return self._shadow.state()
+
+    def copy_to(self, model: nn.Module | None = None) -> None:
+        """Write the averaged weights into ``model`` (default: the averager's own) for good.
+
+        Raises:
+            SwapError: the average is applied to the averager's model.
+            KeyError: ``model`` lacks some averaged tensor (names listed).
+
+        """
+        from emaweights._sharding import reshard
+
+        self._refuse_while_applied("copy_to")
+        self._check_finite("copy_to")
+        if model is None or unwrap(model) is unwrap(self.model):
+            reshard(self.model)  # FSDP2: else the next forward reuses gathered live tensors
+            self._shadow.copy_to_live_()
+            return
+        load_into(model, self.averaged_state_dict())
+
+    def averaged_state_dict(self) -> dict[str, Tensor]:
+        """A plain model state dict (canonical names) holding the averaged weights.
+
+        Every name of a tied tensor (``head.weight`` tied to ``emb.weight``) holds
+        the average. Tensors that are not averaged (frozen parameters, ignored
+        buffers) hold the live values; every tensor has the model's dtype and
+        device and owns its memory.
+        """
+        self._check_finite("averaged_state_dict")
+        averaged = self._shadow.state()
+        by_identity = {id(e.get()): n for n, e in self._shadow.entries.items()}
+        out = {}
+        with torch.no_grad():
+            for key, value in unwrap(self.model).state_dict(keep_vars=True).items():
+                name = canonical_name(key)
+                avg = averaged.get(name)
+                if avg is None and id(value) in by_identity:
+                    avg = averaged[by_identity[id(value)]]  # a tied alias of an averaged tensor
+                src = avg if avg is not None else value
+                out[name] = src.detach().to(value.device, value.dtype, copy=True)
+        return out
+
+    # -- checkpoints -------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        """The configuration a strict load must match (plain values)."""
+        return {
+            "update_every": self.update_every,
+            "start_step": self.start_step,
+            "nonfinite": self.nonfinite,
+        }
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The rule's own state fields (plain values and tensors)."""
+        return {}
+
+    def _parse_extra(self, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+        """Validate the rule's own fields of ``state``; raise ``ValueError`` naming one."""
+        return {}
+
+    def _commit_extra(self, parsed: Mapping[str, Any]) -> None:
+        """Adopt what :meth:`_parse_extra` returned (cannot fail)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full state: storage tensors, counters and configuration.
+
+        Only tensors and plain Python values, so it loads with
+        ``torch.load(..., weights_only=True)``.
+
+        Raises:
+            NonFiniteError: the average holds NaN or infinity (never saved silently).
+        """
+        self._check_finite("state_dict")
+        state: dict[str, Any] = {
+            "format": self.FORMAT,
+            "version": self.VERSION,
+            "step": self.step,
+            "last_step": self._last_step,
+            "num_updates": self.num_updates,
+            "skipped_updates": self.skipped_updates,
+            "config": self._config(),
+        }
+        state.update({k: s.state() for k, s in self._storages().items()})
+        state.update(self._extra_state())
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Every field is validated before anything changes, so a bad state
+        (another architecture or method, a truncated or hand-edited file) leaves
+        the averager exactly as it was. Loading a good state always recovers,
+        even an averager whose average holds NaN.
+
+        Args:
+            state: the saved state.
+            strict: require the same tensor names, dtypes and configuration.
+                With ``strict=False`` the saved configuration is adopted and only
+                the tensors present in both are loaded (cast to the storage dtype;
+                values the storage dtype cannot hold are refused).
+
+        Raises:
+            ValueError: not this averager's state, a malformed field, or a
+                mismatch (each one listed).
+            KeyError: missing or unexpected tensor names (listed).
+        """
+        self.prepare_load(state, strict)()
+
+    def prepare_load(self, state: Mapping[str, Any], strict: bool = True) -> Callable[[], None]:
+        """Validate ``state`` completely; return the function that loads it (cannot fail).
+
+        Lets a composite (e.g. :class:`~emaweights.MultiEMA`) validate every
+        member before changing any.
+        """
+        self._refuse_while_applied("load_state_dict")
+        common = parse_common(state, self.FORMAT, self.VERSION, list(self._storages()))
+        extra = self._parse_extra(state, strict)
+        config = extra.get("config", state["config"])
+        if strict and config != self._config():
+            mine = self._config()
+            diff = {
+                k: (_short(config.get(k)), _short(v)) for k, v in mine.items() if config.get(k) != v
+            }
+            raise ValueError(f"configuration differs from the saved one (saved, current): {diff}")
+        for key, storage in self._storages().items():
+            storage.validate(state[key], strict=strict)
+
+        def commit() -> None:
+            for key, storage in self._storages().items():
+                storage.load_(state[key], strict=strict, validated=True)
+            self.step, self._last_step = common["step"], common["last_step"]
+            self.num_updates, self.skipped_updates = (
+                common["num_updates"],
+                common["skipped_updates"],
+            )
+            self._signature = None
+            self._commit_extra(extra)
+
+        return commit
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(update_every={self.update_every}, "
+            f"start_step={self.start_step}, tensors={len(self._shadow.tensors)}, "
+            f"step={self.step}, num_updates={self.num_updates})"
+        )
+
+
+def _refuse_step(optimizer: torch.optim.Optimizer, swapped: set[int]) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in swapped:
+                raise SwapError(
+                    f"{type(optimizer).__name__}.step() called while the averaged weights are "
+                    "applied: it would train the average. Leave `with averager.applied():` "
+                    "(or call restore()) first"
+                )
+
+
+def load_into(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a canonical-name state dict into a (possibly wrapped) model, strictly."""
+    target = unwrap(model)
+    result = target.load_state_dict(dict(state), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise KeyError(
+            f"model does not match the averager: missing {result.missing_keys[:10]}, "
+            f"unexpected {result.unexpected_keys[:10]}"
+        )
+
+
+def is_plain(value: object, kind: type, *allowed: object) -> bool:
+    """Whether ``value`` is a plain ``kind`` (not a bool or tensor) equal to one of ``allowed``."""
+    return type(value) is kind and value in allowed
+
+
+def parse_common(state: object, fmt: str, version: int, storages: list[str]) -> dict[str, int]:
+    """Validate the fields every averager state has; return the counters.
+
+    Checks type before value (a tensor compared with a str has no truth value),
+    bounds every counter and cross-checks them (``num_updates <= step``,
+    ``last_step <= step``); messages print bounded descriptions only.
+    """
+    if not isinstance(state, Mapping) or not is_plain(state.get("format"), str, fmt):
+        found = _short(state.get("format")) if isinstance(state, Mapping) else _short(state)
+        kind = fmt.removeprefix("emaweights.")
+        raise ValueError(f"not an emaweights {kind} state (format {found}, expected {fmt!r})")
+    if not is_plain(state.get("version"), int, version):
+        raise ValueError(
+            f"unsupported {fmt.removeprefix('emaweights.')} state version "
+            f"{_short(state.get('version'))}, expected {version}"
+        )
+    missing = [
+        k for k in ("step", "last_step", "num_updates", "config", *storages) if k not in state
+    ]
+    if missing:
+        raise ValueError(f"{fmt} state lacks the fields {missing}")
+    out = {
+        k: positive_int(state.get(k, 0), f"saved {k}", minimum=0)
+        for k in ("step", "last_step", "num_updates", "skipped_updates")
+    }
+    for k in ("last_step", "num_updates", "skipped_updates"):
+        if out[k] > out["step"]:
+            raise ValueError(f"saved {k} {out[k]} is more than the saved step {out['step']}")
+    if not isinstance(state["config"], Mapping):
+        raise ValueError(f"saved config must be a mapping, got {_short(state['config'])}")
+    for k in storages:
+        if not isinstance(state[k], Mapping):
+            raise ValueError(f"saved {k} must be a mapping of tensors, got {_short(state[k])}")
+    return out
