@@ -246,3 +246,19 @@ def test_resume_in_a_new_process_equals_uninterrupted(tmp_path: Path) -> None:
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     for key, value in straight.averager.averaged_state_dict().items():
         assert torch.equal(resumed[key], value), key
+
+
+def test_fabric_module_around_ddp_has_wrapper_free_names(tmp_path: Path) -> None:
+    """An EMA of Fabric's _FabricModule around DDP names tensors without the module. prefix."""
+    import torch.distributed as dist
+    from lightning.fabric.wrappers import _FabricModule
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = nn.Linear(3, 2)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        wrapped = _FabricModule(ddp, strategy=None, original_module=model)  # type: ignore[arg-type]
+        ema = emaweights.EMA(wrapped, 0.5)
+        assert sorted(ema.averaged_state_dict()) == sorted(model.state_dict())
+    finally:
+        dist.destroy_process_group()
