@@ -37,7 +37,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
             model = inner  # torch.compile's OptimizedModule
         elif _is_fabric_module(model):
-            model = model._original_module  # Fabric's _FabricModule (around DDP too)
+            model = getattr(model, "_original_module")  # noqa: B009 - Fabric's _FabricModule
         else:
             return model
 
