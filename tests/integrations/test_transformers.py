@@ -144,3 +144,11 @@ def test_manual_evaluate_inside_applied_keeps_user_swap(tmp_path: Path) -> None:
         ).loss
     assert averaged == pytest.approx(expected.item(), rel=1e-5)
     assert averaged != pytest.approx(live, rel=1e-6)
+
+
+def test_bad_options_raise_at_construction() -> None:
+    """decay=1.5 and a misspelt option raise when the callback is built, naming them."""
+    with pytest.raises(ValueError, match=r"1\.5"):
+        EMACallback(decay=1.5)
+    with pytest.raises(TypeError, match=r"include_frozn.*include_frozen"):
+        EMACallback(0.9, include_frozn=True)
