@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("safetensors")
 
@@ -50,3 +52,55 @@ def test_refuses_pickle_file(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, tmp_path / "bad.safetensors")
     with pytest.raises(LoadError, match=r"bad\.safetensors"):
         load_averaged(tmp_path / "bad.safetensors")
+
+
+def _bf16_ema() -> Any:
+    """An EMA of a bf16 model with an fp32 shadow, moved off its start."""
+    model = nn.Linear(4, 3).to(torch.bfloat16)
+    ema = EMA(model, 0.5, dtype=torch.float32)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    return ema
+
+
+def test_export_keeps_the_model_dtype_by_default(tmp_path: Path) -> None:
+    """A bf16 model with an fp32 shadow exports bf16 unless dtype= says otherwise."""
+    ema = _bf16_ema()
+    save_averaged(ema, tmp_path / "a.safetensors")
+    assert load_averaged(tmp_path / "a.safetensors")["weight"].dtype == torch.bfloat16
+
+
+def test_export_dtype_keeps_the_shadow_precision(tmp_path: Path) -> None:
+    """dtype=torch.float32 writes the fp32 shadow itself, bit for bit."""
+    ema = _bf16_ema()
+    save_averaged(ema, tmp_path / "a.safetensors", dtype=torch.float32)
+    state = load_averaged(tmp_path / "a.safetensors")
+    assert torch.equal(state["weight"], ema.shadow["weight"])
+
+
+def test_export_refuses_a_non_floating_dtype(tmp_path: Path) -> None:
+    """dtype=torch.int8 is refused, naming the value."""
+    with pytest.raises(ValueError, match="int8"):
+        save_averaged(_bf16_ema(), tmp_path / "a.safetensors", dtype=torch.int8)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "dataparallel"])
+def test_load_averaged_into_a_wrapped_model(tmp_path: Path, wrap: str) -> None:
+    """load_averaged loads into torch.compile'd and DataParallel models (wrapper-free names)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    ema = EMA(model, 0.5)
+    save_averaged(ema, tmp_path / "a.safetensors")
+    target = nn.Linear(4, 3)
+    wrapped = torch.compile(target) if wrap == "compile" else nn.DataParallel(target)
+    load_averaged(tmp_path / "a.safetensors", model=wrapped)  # type: ignore[arg-type]
+    assert torch.equal(target.weight, model.weight)
+
+
+def test_load_averaged_takes_a_torch_device(tmp_path: Path) -> None:
+    """device=torch.device('cpu') reads the file like device='cpu'."""
+    ema = EMA(nn.Linear(4, 3), 0.5)
+    save_averaged(ema, tmp_path / "a.safetensors")
+    state = load_averaged(tmp_path / "a.safetensors", device=torch.device("cpu"))
+    assert torch.equal(state["weight"], ema.shadow["weight"])

@@ -36,8 +36,20 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
             model = inner  # torch.compile's OptimizedModule
+        elif _is_fabric_module(model):
+            model = getattr(model, "_original_module")  # noqa: B009 - Fabric's _FabricModule
         else:
             return model
+
+
+def _is_fabric_module(model: nn.Module) -> bool:
+    """Lightning Fabric's ``_FabricModule``, recognized without importing Lightning."""
+    inner = getattr(model, "_original_module", None)
+    return (
+        type(model).__name__ == "_FabricModule"
+        and isinstance(inner, nn.Module)
+        and inner is not model
+    )
 
 
 def canonical_name(name: str) -> str:

@@ -105,3 +105,17 @@ def test_bad_checkpointing_choice_names_value() -> None:
     """An unknown checkpointing choice is refused, naming the value."""
     with pytest.raises(ValueError, match="'sometimes'"):
         _setup(0, checkpointing="sometimes")
+
+
+def test_load_state_without_the_ema_file_warns_and_goes_on(tmp_path: Path) -> None:
+    """load_state of a folder without the EMA file warns (no FileNotFoundError), EMA unchanged."""
+    accelerator, model, opt, loader, ema, _ = _setup(0, checkpointing="none")
+    _epoch(accelerator, model, opt, loader, ema)
+    accelerator.save_state(str(tmp_path / "plain"))
+    accelerator, model, opt, loader, resumed, _ = _setup(seed=42)
+    before = {k: v.clone() for k, v in resumed.shadow.items()}
+    with pytest.warns(UserWarning, match=STATE_FILE):
+        accelerator.load_state(str(tmp_path / "plain"))
+    assert resumed.step == 0
+    for name, t in before.items():
+        assert torch.equal(resumed.shadow[name], t), name

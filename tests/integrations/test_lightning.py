@@ -113,24 +113,10 @@ def test_validation_sees_average_and_training_keeps_live() -> None:
         assert torch.equal(p.detach(), live[name]), name
 
 
-def test_log_live_logs_both_metrics() -> None:
-    """log_live logs the live weights' loss under live/, the average's loss under its own name."""
-    model = Regressor()
-    cb = EMACallback(DECAY, log_live=True)
-    trainer = _trainer(max_epochs=1, callbacks=[cb])
-    val = _data(8)
-    trainer.fit(model, train_dataloaders=_data(), val_dataloaders=val)
-    assert cb.ema is not None
-    x, y = val.dataset.tensors  # type: ignore[attr-defined]
-    averaged = Regressor()
-    averaged.load_state_dict(cb.ema.averaged_state_dict())
-    with torch.no_grad():
-        avg_loss = nn.functional.mse_loss(averaged.net(x), y)
-        live_loss = nn.functional.mse_loss(model.net(x), y)
-    metrics = trainer.callback_metrics
-    torch.testing.assert_close(metrics["val_loss"], avg_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(metrics["live/val_loss"], live_loss, rtol=1e-5, atol=1e-6)
-    assert not torch.isclose(avg_loss, live_loss)
+def test_log_live_is_refused_with_the_replacement() -> None:
+    """log_live (removed: it mixed live and averaged metrics) raises, saying why."""
+    with pytest.raises(TypeError, match="log_live was removed"):
+        EMACallback(DECAY, log_live=True)
 
 
 class _SaveDuringValidation(L.Callback):
@@ -215,11 +201,11 @@ def test_eval_from_checkpoint_uses_restored_average(tmp_path: Path, loop: str) -
 
 def test_two_decays_checkpoint_and_resume_separately(tmp_path: Path) -> None:
     """Two callbacks with different decays keep separate states through a checkpoint."""
-    fast, slow = EMACallback(0.5), EMACallback(0.9)
+    fast, slow = EMACallback(0.5), EMACallback(0.9, evaluate=False)
     trainer = _trainer(max_epochs=1, callbacks=[fast, slow])
     trainer.fit(Regressor(), train_dataloaders=_data())
     trainer.save_checkpoint(tmp_path / "a.ckpt")
-    fast2, slow2 = EMACallback(0.5), EMACallback(0.9)
+    fast2, slow2 = EMACallback(0.5), EMACallback(0.9, evaluate=False)
     trainer = _trainer(max_epochs=1, callbacks=[slow2, fast2])  # order does not matter
     trainer.fit(Regressor(seed=3), train_dataloaders=_data(), ckpt_path=tmp_path / "a.ckpt")
     for before, after in ((fast, fast2), (slow, slow2)):
@@ -245,6 +231,6 @@ def test_resume_without_ema_state_warns(tmp_path: Path) -> None:
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     cb = EMACallback(DECAY)
     trainer = _trainer(max_epochs=2, callbacks=[cb])
-    with pytest.warns(UserWarning, match="without EMA state"):
+    with pytest.warns(UserWarning, match="without averager state"):
         trainer.fit(Regressor(), train_dataloaders=_data(), ckpt_path=tmp_path / "plain.ckpt")
     assert cb.ema is not None and cb.ema.num_updates == trainer.global_step - 7 == 7

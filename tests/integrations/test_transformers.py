@@ -144,3 +144,32 @@ def test_manual_evaluate_inside_applied_keeps_user_swap(tmp_path: Path) -> None:
         ).loss
     assert averaged == pytest.approx(expected.item(), rel=1e-5)
     assert averaged != pytest.approx(live, rel=1e-6)
+
+
+def test_bad_options_raise_at_construction() -> None:
+    """decay=1.5 and a misspelt option raise when the callback is built, naming them."""
+    with pytest.raises(ValueError, match=r"1\.5"):
+        EMACallback(decay=1.5)
+    with pytest.raises(TypeError, match=r"include_frozn.*include_frozen"):
+        EMACallback(0.9, include_frozn=True)
+
+
+class _EveryOther(EMACallback):
+    """Feeds the average on even optimizer steps only."""
+
+    def should_update(self, step: int | None = None, epoch: int | None = None) -> bool:
+        return step is not None and step % 2 == 0
+
+
+def test_should_update_override_chooses_the_steps(tmp_path: Path) -> None:
+    """An even-steps should_update gives 3 updates over 6 optimizer steps, at steps 2, 4, 6."""
+    ema_cb = _EveryOther(DECAY)
+    trainer = transformers.Trainer(
+        model=tiny_bert(0),
+        args=training_args(tmp_path, save_strategy="no"),
+        train_dataset=Tokens(12),
+        callbacks=[ema_cb],
+    )
+    trainer.train()
+    assert ema_cb.averager.num_updates == 3
+    assert ema_cb.averager.step == 6

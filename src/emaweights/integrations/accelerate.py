@@ -22,7 +22,10 @@ Usage::
 Checkpointing: by default :func:`prepare_ema` adds save/load hooks to the
 accelerator, so ``accelerator.save_state(dir)`` writes ``dir/emaweights_ema.pt``
 (atomically) and ``accelerator.load_state(dir)`` reads it back with
-``weights_only=True``. ``checkpointing="register"`` uses
+``weights_only=True``. A folder without that file (a checkpoint from before
+the EMA was added) warns and leaves the average as it is, as the Lightning
+and Trainer callbacks warn and go on; call ``ema.register()`` after
+``load_state`` to restart it from the restored weights. ``checkpointing="register"`` uses
 ``accelerator.register_for_checkpointing(ema)`` instead (the EMA has
 ``state_dict``/``load_state_dict``), but Accelerate loads such custom states
 with ``weights_only=False``, i.e. it unpickles them; prefer the default.
@@ -31,6 +34,7 @@ with ``weights_only=False``, i.e. it unpickles them; prefer the default.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,6 +142,16 @@ def attach(accelerator: Any, ema: EMA) -> tuple[Any, Any]:
 
     def load_hook(models: list[nn.Module], input_dir: str) -> None:
         path = os.path.join(input_dir, STATE_FILE)
+        if not os.path.isfile(path):
+            # As the Lightning and Trainer callbacks do: a checkpoint written
+            # before the EMA was added still resumes.
+            warnings.warn(
+                f"accelerator.load_state({input_dir!r}): no {STATE_FILE} there; the average "
+                "keeps its current state; call ema.register() after load_state to restart it "
+                "from the restored weights",
+                stacklevel=2,
+            )
+            return
         ema.load_state_dict(load_state(path))
 
     return (

@@ -1,4 +1,4 @@
-r"""Lightning callback: an EMA of the LightningModule's weights.
+r"""Lightning callback: an EMA (or any averager) of the LightningModule's weights.
 
 .. math::
     \bar\theta_t = \beta_t\,\bar\theta_{t-1} + (1 - \beta_t)\,\theta_t
@@ -10,7 +10,13 @@ Usage::
 
     trainer = L.Trainer(callbacks=[EMACallback(decay=0.999)], accumulate_grad_batches=4)
     trainer.fit(model)                # validation runs with the averaged weights
-    ema = trainer.callbacks[0].ema    # an emaweights.EMA
+    ema = trainer.callbacks[0].averager   # an emaweights.EMA
+
+    # any averager of the protocol, updated when should_update says so
+    class EpochSWA(EMACallback):
+        def should_update(self, step=None, epoch=None):
+            return epoch is not None
+    trainer = L.Trainer(callbacks=[EpochSWA(averager=lambda m: SWA(m))])
 
 What it guarantees:
 
@@ -20,11 +26,14 @@ What it guarantees:
   the epoch's last, shorter accumulation window counts too.
 * **Evaluation with the average.** Validation, test and predict run with the
   averaged weights swapped in (by pointer, no copy) and the live weights put
-  back afterwards, also when the loop raises. ``log_live=True`` additionally
-  runs each validation batch with the live weights, logging under ``live/``.
-* **Checkpoints.** The EMA state goes into the Lightning checkpoint
-  (``callbacks`` section) and is restored on ``ckpt_path=...``, so a resumed run
-  equals an uninterrupted one. The checkpoint's ``state_dict`` is always the
+  back afterwards, also when the loop raises, and also under the
+  ``torch.inference_mode`` that Lightning evaluates in (the swap itself runs
+  outside it). One callback per Trainer evaluates; others may keep averages
+  with ``evaluate=False``.
+* **Checkpoints.** The averager state goes into the Lightning checkpoint
+  (``callbacks`` section, under :attr:`EMACallback.state_key`) and is
+  restored on ``ckpt_path=...``, so a resumed run equals an uninterrupted
+  one. The checkpoint's ``state_dict`` is always the
   live weights, even when it is written while the average is swapped in.
 * **DDP.** Every rank keeps the same average (the weights are identical
   after each synchronized step); rank 0 writes it into the checkpoint.
@@ -35,10 +44,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Mapping
 from typing import Any
 
-from emaweights.ema import EMA
+import torch
+
+from emaweights.integrations._adapter import AveragerFactory, Evaluation, ema_factory, owned
 from emaweights.integrations._require import require
 from emaweights.schedules import Schedule
 
@@ -59,84 +70,139 @@ _Callback: Any = _callback_base()
 
 
 class EMACallback(_Callback):  # type: ignore[misc]
-    """Keep an :class:`~emaweights.EMA` of the LightningModule and evaluate with it.
+    """Keep an averager of the LightningModule and evaluate with it.
 
     Args:
-        decay: constant decay or :class:`~emaweights.schedules.Schedule`.
+        decay: constant decay or :class:`~emaweights.schedules.Schedule` of the
+            default :class:`~emaweights.EMA` (0.999 when omitted).
+        averager: instead of an EMA, a callable ``model -> averager`` for any
+            averager of the protocol, e.g. ``lambda m: SWA(m)`` or
+            ``lambda m: MultiEMA(m, [0.99, 0.999])``; ``decay`` and the EMA
+            options then go to it, not here.
         evaluate: run validation, test and predict with the averaged weights.
-        log_live: with ``evaluate``, also run every validation batch with the
-            live weights and log its metrics under ``live_prefix`` (costs a
-            second forward pass per validation batch).
-        live_prefix: prefix of the live weights' metric names.
+            At most one callback per Trainer may evaluate.
+        name: names the callback's state in the checkpoint (needed when two
+            callbacks would otherwise share :attr:`state_key`).
         **ema_options: passed to :class:`~emaweights.EMA` (``update_every``,
             ``start_step``, ``anchor``, ``dtype``, ``device``,
-            ``include_frozen``, ``exclude``, ``buffers``, ``foreach``).
+            ``include_frozen``, ``exclude``, ``buffers``, ``foreach`` ...),
+            checked here: a misspelt option or a value out of range raises
+            at construction.
 
     Attributes:
-        ema: the :class:`~emaweights.EMA`, created when fitting starts
-            (``None`` before).
+        averager: the averager, created when fitting starts (``None`` before).
+
+    Raises:
+        TypeError: an unknown option, or ``log_live`` (removed).
+        ValueError: an option value out of range.
 
     """
 
     def __init__(
         self,
-        decay: float | Schedule = 0.999,
+        decay: float | Schedule | None = None,
         *,
+        averager: AveragerFactory | None = None,
         evaluate: bool = True,
-        log_live: bool = False,
-        live_prefix: str = "live/",
+        name: str | None = None,
         **ema_options: Any,
     ) -> None:
         super().__init__()
-        if log_live and not evaluate:
-            raise ValueError("log_live=True needs evaluate=True (the live weights are the default)")
+        if "log_live" in ema_options or "live_prefix" in ema_options:
+            raise TypeError(
+                "log_live was removed: re-running validation_step with the live weights mixed "
+                "both weights in shared torchmetrics objects. Validate the live weights with "
+                "a separate trainer.validate(...) while callback.evaluate is False"
+            )
+        if not isinstance(evaluate, bool):
+            raise TypeError(f"evaluate must be a bool, got {evaluate!r}")
+        self._factory = ema_factory("EMACallback", decay, averager, ema_options)
         self.decay = decay
         self.evaluate = evaluate
-        self.log_live = log_live
-        self.live_prefix = live_prefix
+        self.name = name
         self.ema_options = ema_options
-        self.ema: EMA | None = None
-        # Optimizer steps taken before the EMA existed (a callback added to a resumed
-        # run without EMA state): EMA step = global_step - offset.
+        self._described = averager
+        self.averager: Any = None
+        # Optimizer steps taken before the averager existed (a callback added to a
+        # resumed run without its state): averager step = global_step - offset.
         self._offset = 0
+        self._last_step = 0  # the last global step folded in (never twice)
         self._fresh = False
         self._pending: dict[str, Any] | None = None
+        self._evaluation = Evaluation()
+
+    @property
+    def ema(self) -> Any:
+        """The averager (the name kept from when it could only be an EMA)."""
+        return self.averager
 
     @property
     def state_key(self) -> str:
         """Key of this callback's state in the checkpoint, e.g. ``EMACallback[decay=0.999]``.
 
-        It names the decay and the averaging options, so several callbacks
-        (say, two decays) keep separate states; ``device`` and ``foreach`` are
-        left out, as they may change between a run and its resume.
+        It is ``EMACallback[<name>]`` with ``name``; otherwise it names the
+        decay and the averaging options (or the averager factory), so several
+        callbacks (say, two decays) keep separate states; ``device`` and
+        ``foreach`` are left out, as they may change between a run and its resume.
         """
+        if self.name is not None:
+            return f"EMACallback[{self.name}]"
+        if self._described is not None:
+            factory = self._described
+            return f"EMACallback[averager={getattr(factory, '__qualname__', repr(factory))}]"
         options = {k: v for k, v in self.ema_options.items() if k not in ("device", "foreach")}
-        described = [f"decay={self.decay!r}"] + [f"{k}={options[k]!r}" for k in sorted(options)]
+        decay = 0.999 if self.decay is None else self.decay
+        described = [f"decay={decay!r}"] + [f"{k}={options[k]!r}" for k in sorted(options)]
         return f"EMACallback[{', '.join(described)}]"
+
+    def should_update(self, step: int | None = None, epoch: int | None = None) -> bool:
+        """Whether to fold the weights in now; override to choose when.
+
+        Called after every optimizer step with ``step`` (optimizer steps taken,
+        ``trainer.global_step``) and at the end of every training epoch with
+        ``epoch`` (zero-based), the other argument ``None``. The default
+        updates after every optimizer step. A step is never folded in twice.
+        """
+        return step is not None
 
     # -- creation ----------------------------------------------------------
 
-    def _ensure(self, pl_module: Any) -> EMA:
-        """Create the EMA on the module's current weights, loading any restored state."""
-        if self.ema is None:
-            self.ema = EMA(pl_module, self.decay, **self.ema_options)
-            self._fresh = self._pending is None
-            if self._pending is not None:
-                self._load(self._pending)
-                self._pending = None
-        return self.ema
+    def _ensure(self, pl_module: Any) -> Any:
+        """Create the averager on the module's current weights, loading any restored state."""
+        if self.averager is None:
+            with torch.inference_mode(False):  # never make the shadow of inference tensors
+                self.averager = self._factory(pl_module)
+                self._fresh = self._pending is None
+                if self._pending is not None:
+                    self._load(self._pending)
+                    self._pending = None
+        return self.averager
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Refuse two evaluating callbacks or two callbacks with one state key."""
+        ours = [c for c in trainer.callbacks if isinstance(c, EMACallback)]
+        evaluating = [c.state_key for c in ours if c.evaluate]
+        if len(evaluating) > 1:
+            raise ValueError(
+                f"{len(evaluating)} EMACallbacks evaluate ({evaluating}): the model can hold "
+                "one average at a time; pass evaluate=False to all but one"
+            )
+        keys = [c.state_key for c in ours]
+        if len(set(keys)) < len(keys):
+            raise ValueError(f"EMACallbacks share a state key {keys}: give each a name=")
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        """Create the EMA once the strategy has moved and wrapped the model."""
+        """Create the averager once the strategy has moved and wrapped the model."""
         self._ensure(pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Align a fresh average with the restored step count (known only now)."""
         if self._fresh:
             self._offset, self._fresh = trainer.global_step, False
+            self._last_step = trainer.global_step
             if self._offset > 0:
                 warnings.warn(
-                    f"resuming at optimizer step {self._offset} without EMA state for "
+                    f"resuming at optimizer step {self._offset} without averager state for "
                     f"{self.state_key} in the checkpoint; the average starts from the "
                     "restored weights",
                     stacklevel=2,
@@ -144,26 +210,36 @@ class EMACallback(_Callback):  # type: ignore[misc]
 
     # -- updates -----------------------------------------------------------
 
+    def _update(self, trainer: Any, pl_module: Any) -> None:
+        averager = self._ensure(pl_module)
+        averager.update(step=trainer.global_step - self._offset)
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Update after a batch that ended with an optimizer step (not every micro-batch)."""
-        ema = self._ensure(pl_module)
-        step = trainer.global_step - self._offset
-        if step > ema.step:
-            ema.update(step=step)
+        step = trainer.global_step
+        if step > self._last_step and self.should_update(step=step):
+            self._update(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Update at the epoch end if :meth:`should_update` asks and this step is not in yet."""
+        if trainer.global_step > self._last_step and self.should_update(
+            epoch=trainer.current_epoch
+        ):
+            self._update(trainer, pl_module)
 
     # -- evaluation --------------------------------------------------------
 
     def _apply(self, pl_module: Any) -> None:
-        if self.ema is None and self._pending is not None:
+        if self.averager is None and self._pending is not None:
             self._ensure(pl_module)  # evaluating a checkpoint outside fit
-        if self.evaluate and self.ema is not None and not self.ema.is_applied:
-            self.ema.apply_shadow()
+        if self.evaluate and self.averager is not None:
+            self._evaluation.enter(self.averager)
 
     def _restore(self) -> None:
-        if self.ema is not None and self.ema.is_applied:
-            self.ema.restore()
+        self._evaluation.exit()
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         """Swap the averaged weights in for validation."""
@@ -193,80 +269,46 @@ class EMACallback(_Callback):  # type: ignore[misc]
         """Never leave the averaged weights in the model after a crash."""
         self._restore()
 
-    def on_validation_batch_end(
-        self,
-        trainer: Any,
-        pl_module: Any,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """With ``log_live``: run the batch again with the live weights, logged under a prefix."""
-        if not (self.log_live and self.ema is not None and self.ema.is_applied):
-            return
-        args: tuple[Any, ...] = (batch, batch_idx)
-        if len(trainer.num_val_batches) > 1:
-            args += (dataloader_idx,)
-        self.ema.restore()
-        try:
-            with _prefixed_log(pl_module, self.live_prefix):
-                pl_module.validation_step(*args)
-        finally:
-            self.ema.apply_shadow()
-
     # -- checkpoints -------------------------------------------------------
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """If the average is swapped in right now, store the live weights as the model's."""
-        if self.ema is None or not self.ema.is_applied:
+        if not self._evaluation.active:
             return
-        self.ema.restore()
+        self._restore()
         try:
-            # The state dict references the live storage; swapping back in below
-            # re-points the parameters, it does not write into that storage.
-            checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
+            # Owned copies: swapping back in below re-points the parameters.
+            live = trainer.strategy.lightning_module_state_dict()
+            checkpoint["state_dict"] = owned(live)
         finally:
-            self.ema.apply_shadow()
+            self._evaluation.enter(self.averager)
 
     def state_dict(self) -> dict[str, Any]:
-        """The EMA state, saved in the Lightning checkpoint (tensors and plain data only)."""
-        if self.ema is None:
+        """The averager state, saved in the Lightning checkpoint (tensors and plain data only)."""
+        if self.averager is None:
             return dict(self._pending) if self._pending is not None else {}
-        # Owned copies: the shadow keeps changing in place, and checkpoint IO may be
-        # asynchronous.
-        state = self.ema.state_dict()
-        state["shadow"] = {k: v.clone() for k, v in state["shadow"].items()}
-        return {"ema": state, "offset": self._offset}
+        # Owned copies: the averager keeps changing in place, and checkpoint IO may
+        # be asynchronous.
+        return {
+            "averager": owned(self.averager.state_dict()),
+            "offset": self._offset,
+            "last_step": self._last_step,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the EMA state (applied when the EMA exists, i.e. now or at fit start)."""
+        """Restore the averager state (applied once the averager exists: now or at fit start)."""
         if not state_dict:
             return
-        if self.ema is None:
+        if self.averager is None:
             self._pending = state_dict
         else:
             self._load(state_dict)
 
     def _load(self, state: dict[str, Any]) -> None:
-        assert self.ema is not None  # internal invariant, not user input
-        if "ema" not in state:
+        inner = state.get("averager", state.get("ema"))  # "ema": checkpoints of 0.1
+        if not isinstance(inner, Mapping):
             raise ValueError(f"not an EMACallback state: keys {sorted(state)}")
-        self.ema.load_state_dict(state["ema"])
+        self.averager.load_state_dict(inner)
         self._offset = int(state.get("offset", 0))
+        self._last_step = int(state.get("last_step", self._offset + self.averager.step))
         self._fresh = False
-
-
-@contextlib.contextmanager
-def _prefixed_log(pl_module: Any, prefix: str) -> Iterator[None]:
-    """Temporarily prefix the names the module logs (``log`` and ``log_dict``)."""
-    original: Callable[..., Any] = pl_module.log
-
-    def log(name: str, *args: Any, **kwargs: Any) -> Any:
-        return original(prefix + name, *args, **kwargs)
-
-    pl_module.log = log
-    try:
-        yield
-    finally:
-        del pl_module.log  # back to the class's method

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from emaweights._naming import unwrap
-from emaweights.ema import EMA
+from emaweights.integrations._adapter import AveragerFactory, Evaluation, ema_factory
 from emaweights.integrations._require import require
 from emaweights.io import load_state, save_state
 from emaweights.schedules import Schedule
@@ -55,67 +55,100 @@ STATE_FILE = "emaweights_ema.pt"
 
 
 class EMACallback(_TrainerCallback):  # type: ignore[misc]
-    """Keep an :class:`~emaweights.EMA` of the Trainer's model and evaluate with it.
+    """Keep an averager (an :class:`~emaweights.EMA` by default) of the Trainer's model.
 
     Args:
-        decay: constant decay or :class:`~emaweights.schedules.Schedule`.
+        decay: constant decay or :class:`~emaweights.schedules.Schedule` of the
+            default EMA (0.999 when omitted).
+        averager: instead of an EMA, a callable ``model -> averager`` for any
+            averager of the protocol (``decay`` and options then go to it).
         evaluate: run the Trainer's scheduled evaluations with the averaged weights.
         save_averaged_to: folder to write the averaged model to at the end of
             training (``save_pretrained`` format); ``None`` to skip.
         resume_from: checkpoint folder to read the EMA state from on resume,
             when it is not ``<output_dir>/checkpoint-<global_step>``.
+        state_file: the state's file name in a checkpoint folder (give two
+            callbacks two names).
         **ema_options: passed to :class:`~emaweights.EMA` (``update_every``,
             ``start_step``, ``anchor``, ``dtype``, ``device``,
-            ``include_frozen``, ``exclude``, ``buffers``, ``foreach``).
+            ``include_frozen``, ``exclude``, ``buffers``, ``foreach``),
+            checked here: a misspelt option or a value out of range raises
+            at construction.
 
     Attributes:
-        ema: the :class:`~emaweights.EMA`, created when training begins.
+        averager: the averager, created when training begins (``ema``: the
+            same object).
+
+    Raises:
+        TypeError: an unknown option.
+        ValueError: an option value out of range.
 
     """
 
     def __init__(
         self,
-        decay: float | Schedule = 0.999,
+        decay: float | Schedule | None = None,
         *,
+        averager: AveragerFactory | None = None,
         evaluate: bool = True,
         save_averaged_to: str | os.PathLike[str] | None = None,
         resume_from: str | os.PathLike[str] | None = None,
+        state_file: str = STATE_FILE,
         **ema_options: Any,
     ) -> None:
+        self._factory = ema_factory("EMACallback", decay, averager, ema_options)
+        self.state_file = state_file
         self.decay = decay
         self.evaluate = evaluate
         self.save_averaged_to = save_averaged_to
         self.resume_from = resume_from
         self.ema_options = ema_options
-        self.ema: EMA | None = None
+        self.averager: Any = None
         self._offset = 0  # optimizer steps taken before the EMA existed
-        self._applied_here = False  # only undo a swap this callback made
+        self._last_step = 0  # the last global step folded in (never twice)
+        self._evaluation = Evaluation()  # only undoes a swap this callback made
+
+    @property
+    def ema(self) -> Any:
+        """The averager (the name kept from when it could only be an EMA)."""
+        return self.averager
+
+    def should_update(self, step: int | None = None, epoch: int | None = None) -> bool:
+        """Whether to fold the weights in now; override to choose when.
+
+        Called after every optimizer step with ``step`` (``state.global_step``)
+        and at every epoch end with ``epoch`` (zero-based), the other argument
+        ``None``. The default updates after every optimizer step.
+        """
+        return step is not None
 
     # -- start and resume --------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Create the EMA on the (possibly just restored) model; load its state on resume."""
         model = kwargs["model"]
-        self.ema = EMA(model, self.decay, **self.ema_options)
-        self._offset = 0
+        self.averager = self._factory(model)
+        self._offset = self._last_step = 0
         if state.global_step > 0:
             self._resume(args, state)
         if self.evaluate and args.eval_on_start:
             self._apply()
 
     def _resume(self, args: Any, state: Any) -> None:
-        assert self.ema is not None  # internal invariant
+        assert self.averager is not None  # internal invariant
         folders = [self.resume_from, getattr(args, "resume_from_checkpoint", None)]
         folders.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         for folder in folders:
             if folder is not None and isinstance(folder, (str, os.PathLike)):
-                path = Path(folder) / STATE_FILE
+                path = Path(folder) / self.state_file
                 if path.is_file():
-                    self.ema.load_state_dict(load_state(path))
+                    self.averager.load_state_dict(load_state(path))
+                    self._last_step = state.global_step
                     return
-        self._offset = state.global_step
+        self._offset = self._last_step = state.global_step
         warnings.warn(
-            f"resuming at step {state.global_step} without an EMA state (looked for {STATE_FILE} "
+            f"resuming at step {state.global_step} without an EMA state (looked for "
+            f"{self.state_file} "
             f"in {[str(f) for f in folders if f]}); the average restarts from the current "
             "weights. Pass EMACallback(resume_from=<checkpoint folder>) if it is elsewhere.",
             stacklevel=2,
@@ -125,30 +158,34 @@ class EMACallback(_TrainerCallback):  # type: ignore[misc]
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Update after the optimizer step; swap the average in if evaluation follows."""
-        if self.ema is None:
+        if self.averager is None:
             return
-        step = state.global_step - self._offset
-        if step > self.ema.step:
-            self.ema.update(step=step)
+        if state.global_step > self._last_step and self.should_update(step=state.global_step):
+            self._update(state)
         if self.evaluate and control.should_evaluate:
             self._apply()
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Swap the average in if an end-of-epoch evaluation follows."""
+        """Update if :meth:`should_update` asks; swap the average in if evaluation follows."""
+        epoch = max(round(state.epoch or 0) - 1, 0)
+        due = self.averager is not None and state.global_step > self._last_step
+        if due and self.should_update(epoch=epoch):
+            self._update(state)
         if self.evaluate and control.should_evaluate:
             self._apply()
 
     # -- evaluation --------------------------------------------------------
 
+    def _update(self, state: Any) -> None:
+        self.averager.update(step=state.global_step - self._offset)
+        self._last_step = state.global_step
+
     def _apply(self) -> None:
-        if self.ema is not None and not self.ema.is_applied:
-            self.ema.apply_shadow()
-            self._applied_here = True
+        if self.averager is not None:
+            self._evaluation.enter(self.averager)
 
     def _restore(self) -> None:
-        if self._applied_here and self.ema is not None and self.ema.is_applied:
-            self.ema.restore()
-        self._applied_here = False
+        self._evaluation.exit()
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Put the live weights back once the evaluation is done."""
@@ -159,20 +196,21 @@ class EMACallback(_TrainerCallback):  # type: ignore[misc]
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Write the EMA state into the checkpoint folder the Trainer just wrote."""
         self._restore()  # defensive: evaluation already restored before any save
-        if self.ema is None or not state.is_world_process_zero:
+        if self.averager is None or not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        save_state(self.ema.state_dict(), folder / STATE_FILE)
+        save_state(self.averager.state_dict(), folder / self.state_file)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Put the live weights back; write the averaged model if asked."""
         self._restore()
-        if self.ema is None or self.save_averaged_to is None or not state.is_world_process_zero:
+        if self.averager is None or self.save_averaged_to is None:
             return
-        save_pretrained_averaged(self.ema, self.save_averaged_to)
+        if state.is_world_process_zero:
+            save_pretrained_averaged(self.averager, self.save_averaged_to)
 
 
-def save_pretrained_averaged(ema: EMA, path: str | os.PathLike[str]) -> None:
+def save_pretrained_averaged(ema: Any, path: str | os.PathLike[str]) -> None:
     """Write the EMA's model with the averaged weights in ``save_pretrained`` format.
 
     The averaged weights are passed as ``state_dict`` (owned copies, so the
