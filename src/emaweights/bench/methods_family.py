@@ -121,7 +121,7 @@ class LAWAMethod(_Base):
     def after_epoch(self, model: nn.Module, epoch: int) -> None:
         """Snapshot the epoch-end weights."""
         lawa = _need(self._lawa, self.name)
-        lawa.snapshot()
+        lawa.update()
 
     def result(self, model: nn.Module) -> dict[str, Tensor]:
         """The window's mean."""

@@ -75,7 +75,7 @@ def gathered_shadow(ema: EMA) -> dict[str, Tensor]:
     out = {}
     with torch.no_grad():
         for name, view in shadow.items():
-            live = ema._shadow.entries[name].get()
+            live = ema.storage.entries[name].get()
             out[name] = _gather(view, live) if is_zero3(live) else view.clone()
     return out
 
@@ -106,10 +106,10 @@ def load_gathered_state_dict(ema: EMA, state: Mapping[str, Any], strict: bool = 
     full = state.get("shadow")
     if not isinstance(full, Mapping):
         raise ValueError(f"state['shadow'] must be a mapping of tensors, got {type(full).__name__}")
-    local = ema._shadow.local_tensors
+    local = ema.storage.local_tensors
     shadow: dict[str, Any] = {}
     for name, value in full.items():
-        entry = ema._shadow.entries.get(name)
+        entry = ema.storage.entries.get(name)
         live = entry.get() if entry is not None else None
         if live is None or not is_zero3(live) or not isinstance(value, Tensor):
             shadow[name] = value  # unknown names and bad values: load_state_dict reports them
