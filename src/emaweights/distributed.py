@@ -29,6 +29,7 @@ distributed support still imports :mod:`emaweights`.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
