@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -141,3 +142,30 @@ def test_multi_ema_recovers_from_nan_with_a_good_checkpoint() -> None:
     multi.update()
     multi.load_state_dict(good)
     assert torch.isfinite(multi.averaged_state_dict(1)["0.weight"]).all()
+
+
+def test_config_mismatch_shows_both_schedules() -> None:
+    """A strict load into an EMA with another schedule names both schedules' values."""
+    from emaweights import HalfLife
+
+    model = torch.nn.Linear(3, 2)
+    state = EMA(model, HalfLife(20)).state_dict()
+    other = EMA(model, HalfLife(30))
+    with pytest.raises(ValueError, match=r"schedule.*20.*30"):
+        other.load_state_dict(state)
+
+
+def test_config_mismatch_message_bounded_on_a_nested_dag() -> None:
+    """A hostile, deeply shared nested config is described in bounded length and time."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, 0.9)
+    state = ema.state_dict()
+    node: list[object] = [1]
+    for _ in range(200):  # a DAG: 2**200 paths if printed in full
+        node = [node, node]
+    state["config"] = dict(state["config"], update_every=node)
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        ema.load_state_dict(state)
+    assert time.perf_counter() - start < 5.0
+    assert len(str(err.value)) < 2000

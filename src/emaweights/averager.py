@@ -26,6 +26,7 @@ the storage's tensor lists.
 from __future__ import annotations
 
 import contextlib
+import reprlib
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -80,7 +81,16 @@ def _short(value: object, limit: int = 80) -> str:
         return text[:limit]
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)}"[:limit]
+    if isinstance(value, (dict, list, tuple)):
+        # reprlib visits a bounded number of levels and items: bounded time on a hostile DAG.
+        return _BOUNDED_REPR.repr(value)[:limit]
     return f"a {type(value).__name__}"
+
+
+_BOUNDED_REPR = reprlib.Repr()
+_BOUNDED_REPR.maxlevel = 3
+_BOUNDED_REPR.maxdict = _BOUNDED_REPR.maxlist = _BOUNDED_REPR.maxtuple = 8
+_BOUNDED_REPR.maxstring = _BOUNDED_REPR.maxother = 40
 
 
 @runtime_checkable

@@ -53,7 +53,7 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
                 torch.testing.assert_close(seen[name].double(), avg, rtol=1e-6, atol=1e-6)
     # Rank 0's average (buffers included) is what the checkpoint holds, next to live weights.
     ckpt = torch.load(tmp_path / "end.ckpt", weights_only=True)
-    saved = ckpt["callbacks"][f"EMACallback[decay={DECAY!r}]"]["ema"]["shadow"]
+    saved = ckpt["callbacks"][f"EMACallback[decay={DECAY!r}]"]["averager"]["shadow"]
     for name, avg in _oracle(runs[0], 4).items():
         torch.testing.assert_close(saved[name].double(), avg, rtol=1e-6, atol=1e-6)
     for name, t in runs[0]["live"].items():
