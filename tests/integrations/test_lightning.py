@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 L = pytest.importorskip("lightning.pytorch")
 
 from emaweights.integrations.lightning import EMACallback  # noqa: E402
+from tests.integrations._lightning_trainer import quiet_trainer  # noqa: E402
 
 DECAY = 0.8
 
@@ -56,21 +57,6 @@ def _params(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def _trainer(**kwargs: Any) -> Any:
-    options: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
-
-
 def _oracle(
     theta0: dict[str, torch.Tensor], steps: list[dict[str, torch.Tensor]]
 ) -> dict[str, Any]:
@@ -86,7 +72,7 @@ def test_one_update_per_optimizer_step_under_accumulation() -> None:
     model = Regressor()
     theta0 = _params(model)
     cb = EMACallback(DECAY)
-    trainer = _trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[cb])
+    trainer = quiet_trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[cb])
     trainer.fit(model, train_dataloaders=_data())
     assert cb.ema is not None
     assert len(model.after_step) == trainer.global_step == 8  # ceil(7 / 2) per epoch
@@ -101,7 +87,7 @@ def test_validation_sees_average_and_training_keeps_live() -> None:
     model = Regressor()
     theta0 = _params(model)
     cb = EMACallback(DECAY)
-    trainer = _trainer(max_epochs=2, callbacks=[cb], limit_val_batches=1)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[cb], limit_val_batches=1)
     trainer.fit(model, train_dataloaders=_data(), val_dataloaders=_data(8))
     assert len(model.seen_in_validation) == 2
     per_epoch = len(model.after_step) // 2
@@ -131,10 +117,10 @@ def test_checkpoint_written_during_validation_holds_live_weights(tmp_path: Path)
     """A checkpoint saved while the average is swapped in stores the live weights as the model's."""
     model = Regressor()
     cb = EMACallback(DECAY)
-    trainer = _trainer(max_epochs=1, callbacks=[cb])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb])
     trainer.fit(model, train_dataloaders=_data())
     path = tmp_path / "during_validation.ckpt"
-    trainer = _trainer(max_epochs=1, callbacks=[cb, _SaveDuringValidation(path)])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb, _SaveDuringValidation(path)])
     trainer.validate(model, dataloaders=_data(8))
     ckpt = torch.load(path, weights_only=True)
     assert cb.ema is not None
@@ -155,11 +141,11 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
 
     straight = EMACallback(DECAY)
     oracle_model = Regressor()
-    _trainer(callbacks=[straight], **fit).fit(oracle_model, train_dataloaders=_data())
+    quiet_trainer(callbacks=[straight], **fit).fit(oracle_model, train_dataloaders=_data())
 
     ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
     crashed = EMACallback(DECAY)
-    trainer = _trainer(callbacks=[crashed, ckpt, _Crash()], enable_checkpointing=True, **fit)
+    trainer = quiet_trainer(callbacks=[crashed, ckpt, _Crash()], enable_checkpointing=True, **fit)
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.fit(Regressor(), train_dataloaders=_data())
     last = sorted(tmp_path.glob("epoch=1-*.ckpt"))
@@ -167,7 +153,7 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
 
     resumed = EMACallback(DECAY)
     model = Regressor(seed=123)  # different init: everything must come from the checkpoint
-    trainer = _trainer(callbacks=[resumed], **fit)
+    trainer = quiet_trainer(callbacks=[resumed], **fit)
     trainer.fit(model, train_dataloaders=_data(), ckpt_path=last[0])
 
     assert straight.ema is not None and resumed.ema is not None
@@ -185,7 +171,7 @@ def test_eval_from_checkpoint_uses_restored_average(tmp_path: Path, loop: str) -
     """trainer.test/validate(ckpt_path=...) evaluate with the average stored in the checkpoint."""
     model = Regressor()
     cb = EMACallback(DECAY)
-    trainer = _trainer(max_epochs=1, callbacks=[cb])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb])
     trainer.fit(model, train_dataloaders=_data())
     trainer.save_checkpoint(tmp_path / "end.ckpt")
     assert cb.ema is not None
@@ -193,7 +179,7 @@ def test_eval_from_checkpoint_uses_restored_average(tmp_path: Path, loop: str) -
 
     fresh = Regressor(seed=7)
     fresh.test_step = fresh.validation_step  # type: ignore[method-assign]
-    run = getattr(_trainer(callbacks=[EMACallback(DECAY)]), loop)
+    run = getattr(quiet_trainer(callbacks=[EMACallback(DECAY)]), loop)
     run(fresh, dataloaders=_data(8), ckpt_path=tmp_path / "end.ckpt")
     for name, seen in fresh.seen_in_validation[0].items():
         assert torch.equal(seen, expected[name]), name
@@ -202,11 +188,11 @@ def test_eval_from_checkpoint_uses_restored_average(tmp_path: Path, loop: str) -
 def test_two_decays_checkpoint_and_resume_separately(tmp_path: Path) -> None:
     """Two callbacks with different decays keep separate states through a checkpoint."""
     fast, slow = EMACallback(0.5), EMACallback(0.9, evaluate=False)
-    trainer = _trainer(max_epochs=1, callbacks=[fast, slow])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[fast, slow])
     trainer.fit(Regressor(), train_dataloaders=_data())
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     fast2, slow2 = EMACallback(0.5), EMACallback(0.9, evaluate=False)
-    trainer = _trainer(max_epochs=1, callbacks=[slow2, fast2])  # order does not matter
+    trainer = quiet_trainer(max_epochs=1, callbacks=[slow2, fast2])  # order does not matter
     trainer.fit(Regressor(seed=3), train_dataloaders=_data(), ckpt_path=tmp_path / "a.ckpt")
     for before, after in ((fast, fast2), (slow, slow2)):
         assert before.ema is not None and after.ema is not None
@@ -226,11 +212,11 @@ def test_state_key_names_decay_and_options() -> None:
 
 def test_resume_without_ema_state_warns(tmp_path: Path) -> None:
     """Adding the callback to a resumed run without EMA state warns, then averages from there."""
-    trainer = _trainer(max_epochs=1)
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(Regressor(), train_dataloaders=_data())
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     cb = EMACallback(DECAY)
-    trainer = _trainer(max_epochs=2, callbacks=[cb])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[cb])
     with pytest.warns(UserWarning, match="without averager state"):
         trainer.fit(Regressor(), train_dataloaders=_data(), ckpt_path=tmp_path / "plain.ckpt")
     assert cb.ema is not None and cb.ema.num_updates == trainer.global_step - 7 == 7

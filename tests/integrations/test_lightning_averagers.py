@@ -18,6 +18,7 @@ L = pytest.importorskip("lightning.pytorch")
 
 import emaweights  # noqa: E402
 from emaweights.integrations.lightning import EMACallback  # noqa: E402
+from tests.integrations._lightning_trainer import quiet_trainer  # noqa: E402
 
 PROTOCOL = ("update", "applied", "state_dict", "load_state_dict", "step")
 
@@ -41,7 +42,7 @@ def _factory(name: str) -> Callable[[nn.Module], Any]:
         pytest.skip(f"{name} cannot be built with defaults here: {err}")
     missing = [m for m in PROTOCOL if not hasattr(probe, m)]
     if missing:
-        pytest.skip(f"{name} lacks {missing} of the averager protocol on this branch")
+        pytest.skip(f"{name} lacks {missing} of the averager protocol yet")
     return FACTORIES[name]
 
 
@@ -83,21 +84,6 @@ class BNRegressor(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def _trainer(**kwargs: Any) -> Any:
-    options: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
-
-
 def _state(averager: Any) -> dict[str, torch.Tensor]:
     """The averaged weights, a comparable summary of any averager."""
     if isinstance(averager, emaweights.MultiEMA):
@@ -128,7 +114,7 @@ def test_averager_with_decay_is_refused() -> None:
 
 def test_two_evaluating_callbacks_are_refused() -> None:
     """Two callbacks that both evaluate are refused at setup (the model holds one average)."""
-    trainer = _trainer(max_epochs=1, callbacks=[EMACallback(0.5), EMACallback(0.9)])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[EMACallback(0.5), EMACallback(0.9)])
     with pytest.raises(ValueError, match="evaluate=False"):
         trainer.fit(BNRegressor(), train_dataloaders=_data())
 
@@ -141,13 +127,13 @@ def test_resume_equals_uninterrupted_for_every_averager(name: str, tmp_path: Pat
     """Two epochs, checkpoint, two more == four epochs straight, for each averager."""
     factory = _factory(name)
     straight = EMACallback(averager=factory, evaluate=False)
-    _trainer(max_epochs=4, callbacks=[straight]).fit(BNRegressor(), train_dataloaders=_data())
+    quiet_trainer(max_epochs=4, callbacks=[straight]).fit(BNRegressor(), train_dataloaders=_data())
     first = EMACallback(averager=factory, evaluate=False)
-    trainer = _trainer(max_epochs=2, callbacks=[first])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[first])
     trainer.fit(BNRegressor(), train_dataloaders=_data())
     trainer.save_checkpoint(tmp_path / "half.ckpt")
     second = EMACallback(averager=factory, evaluate=False)
-    trainer = _trainer(max_epochs=4, callbacks=[second])
+    trainer = quiet_trainer(max_epochs=4, callbacks=[second])
     trainer.fit(BNRegressor(seed=5), train_dataloaders=_data(), ckpt_path=tmp_path / "half.ckpt")
     expected, got = _state(straight.averager), _state(second.averager)
     assert expected.keys() == got.keys()
@@ -160,12 +146,12 @@ def test_two_averagers_as_two_callbacks(tmp_path: Path) -> None:
     ema_cb = EMACallback(0.8)
     swa_cb = EMACallback(averager=FACTORIES["SWA"], evaluate=False)
     model = BNRegressor()
-    _trainer(max_epochs=2, callbacks=[ema_cb, swa_cb]).fit(
+    quiet_trainer(max_epochs=2, callbacks=[ema_cb, swa_cb]).fit(
         model, train_dataloaders=_data(), val_dataloaders=_data(8)
     )
     for together in (ema_cb, swa_cb):
         alone = EMACallback(averager=together._factory, evaluate=False)
-        _trainer(max_epochs=2, callbacks=[alone]).fit(BNRegressor(), train_dataloaders=_data())
+        quiet_trainer(max_epochs=2, callbacks=[alone]).fit(BNRegressor(), train_dataloaders=_data())
         for key, value in _state(alone.averager).items():
             torch.testing.assert_close(_state(together.averager)[key], value)
     assert torch.equal(model.seen[-1], ema_cb.averager.shadow["net.0.weight"])
@@ -187,7 +173,7 @@ def test_should_update_override_averages_epoch_ends() -> None:
             ends.append(pl_module.net[0].weight.detach().double().clone())
 
     cb = _EpochEnds(averager=FACTORIES["SWA"], evaluate=False)
-    trainer = _trainer(max_epochs=3, callbacks=[Record(), cb])
+    trainer = quiet_trainer(max_epochs=3, callbacks=[Record(), cb])
     trainer.fit(BNRegressor(), train_dataloaders=_data())
     assert cb.averager.num_updates == 3
     expected = torch.stack(ends).mean(0)
@@ -202,15 +188,15 @@ def test_batchnorm_model_evaluates_under_inference_mode(loop: str) -> None:
     """validate/test/predict (under inference_mode) use the average on a BN model; it trains on."""
     model = BNRegressor()
     cb = EMACallback(0.8)
-    _trainer(max_epochs=1, callbacks=[cb]).fit(model, train_dataloaders=_data())
+    quiet_trainer(max_epochs=1, callbacks=[cb]).fit(model, train_dataloaders=_data())
     live = {k: v.clone() for k, v in model.state_dict().items()}
     model.seen.clear()
-    getattr(_trainer(callbacks=[cb], inference_mode=True), loop)(model, _data(8))
+    getattr(quiet_trainer(callbacks=[cb], inference_mode=True), loop)(model, _data(8))
     assert torch.equal(model.seen[0], cb.averager.shadow["net.0.weight"])
     for key, value in model.state_dict().items():
         assert torch.equal(value, live[key]), key
         assert not value.is_inference(), key
-    _trainer(max_epochs=2, callbacks=[cb]).fit(model, train_dataloaders=_data())  # trains on
+    quiet_trainer(max_epochs=2, callbacks=[cb]).fit(model, train_dataloaders=_data())  # trains on
 
 
 # -- resume in a new process ------------------------------------------------
@@ -219,10 +205,10 @@ _SCRIPT = textwrap.dedent(
     """
     import sys, torch
     sys.path.insert(0, {tests!r})
-    from integrations.test_lightning_averagers import BNRegressor, _data, _trainer
+    from integrations.test_lightning_averagers import BNRegressor, _data, quiet_trainer
     from emaweights.integrations.lightning import EMACallback
     cb = EMACallback(0.8)
-    trainer = _trainer(max_epochs=4, callbacks=[cb])
+    trainer = quiet_trainer(max_epochs=4, callbacks=[cb])
     trainer.fit(BNRegressor(seed=3), train_dataloaders=_data(), ckpt_path={ckpt!r})
     torch.save(cb.averager.averaged_state_dict(), {out!r})
     """
@@ -232,9 +218,9 @@ _SCRIPT = textwrap.dedent(
 def test_resume_in_a_new_process_equals_uninterrupted(tmp_path: Path) -> None:
     """A checkpoint resumed by another Python process ends on the uninterrupted average, bitwise."""
     straight = EMACallback(0.8)
-    _trainer(max_epochs=4, callbacks=[straight]).fit(BNRegressor(), train_dataloaders=_data())
+    quiet_trainer(max_epochs=4, callbacks=[straight]).fit(BNRegressor(), train_dataloaders=_data())
     first = EMACallback(0.8)
-    trainer = _trainer(max_epochs=2, callbacks=[first])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[first])
     trainer.fit(BNRegressor(), train_dataloaders=_data())
     trainer.save_checkpoint(tmp_path / "half.ckpt")
     script = _SCRIPT.format(
