@@ -6,8 +6,6 @@ the method's point (see :mod:`emaweights.bench.measure`).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -17,6 +15,7 @@ from typing import Any
 
 from emaweights.bench.lm import LMRun
 from emaweights.bench.measure import Paired, delta_a, delta_b, paired
+from emaweights.bench.report import save  # one writer for both benchmarks' results
 
 __all__ = ["LMRow", "closing_summary", "markdown", "plot", "print_tables", "save", "summarize"]
 
@@ -156,27 +155,6 @@ def closing_summary(rows: Sequence[LMRow]) -> str:
             f"within noise: {sum(r.verdict in ('within noise', 'mixed') for r in rs)} of {len(rs)}"
         )
     return "\n".join(lines)
-
-
-def save(runs: Sequence[LMRun], rows: Sequence[LMRow], out: Path, config: dict[str, Any]) -> None:
-    """Write ``results.json`` (config, per-seed raw values, summary) and ``summary.csv``."""
-    from emaweights.io import atomic_write
-
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "config": config,
-        "summary": [r.to_dict() for r in rows],
-        "runs": [r.to_dict() for r in runs],
-    }
-    with atomic_write(out / "results.json") as f:
-        f.write(json.dumps(payload, indent=1, allow_nan=True).encode())
-    lines = [r.to_dict() for r in rows]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(lines[0]))
-    writer.writeheader()
-    writer.writerows(lines)
-    with atomic_write(out / "summary.csv") as f:
-        f.write(text.getvalue().encode())
 
 
 def plot(runs: Sequence[LMRun], rows: Sequence[LMRow], out: Path) -> list[Path]:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from emaweights.bench.metrics import delta_a, forgetting, mean_std
 from emaweights.bench.runner import Evaluation, RunResult
@@ -259,10 +259,19 @@ def _mean_curve(curves: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[f
     ]
 
 
+class _Plain(Protocol):
+    """A run or a summary row: anything that gives its plain data for JSON and CSV."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 def save(
-    results: Sequence[RunResult], rows: Sequence[Row], out: Path, config: dict[str, Any]
+    results: Sequence[_Plain], rows: Sequence[_Plain], out: Path, config: dict[str, Any]
 ) -> None:
-    """Write ``results.json`` (config, per-seed raw numbers, summary) and ``summary.csv``."""
+    """Write ``results.json`` (config, per-seed raw numbers, summary) and ``summary.csv``.
+
+    Serves both benchmarks (digits and language model): runs and rows only need ``to_dict``.
+    """
     from emaweights.io import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
