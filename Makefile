@@ -1,8 +1,7 @@
 # emaweights: `make demo` runs the main job, `make test` runs lint, mypy and the
 # fast tests (slow ones need PYTEST_ARGS='-m "slow or not slow"'). Both create
 # .venv on first use. torch is pinned to the CPU build for dev/CI; the library
-# itself requires only the torch floor in pyproject.toml (checked by .ci/floor, not yet
-# part of CI: see README).
+# itself requires only the torch floor in pyproject.toml (checked in CI by .ci/floor).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -34,7 +34,7 @@ def test_floor_env_pins_every_floor_ci_claims() -> None:
 
 
 def test_floor_script_installs_the_pinned_packages() -> None:
-    """.ci/floor pins packages .ci/floors.py knows; .ci/run ends with make test."""
+    """.ci/floor pins packages .ci/floors.py knows; .ci/run runs make test, then .ci/floor."""
     script = (ROOT / ".ci" / "floor").read_text()
     packages = re.search(r"PACKAGES=\(([^)]*)\)", script)
     assert packages is not None
@@ -42,7 +42,7 @@ def test_floor_script_installs_the_pinned_packages() -> None:
     assert set(packages[1].split()) <= set(table)
     assert {"torch", "lightning", "transformers", "accelerate"} <= set(packages[1].split())
     run = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line[:1] not in "#"]
-    assert run[-1] == "make test"
+    assert run[-2:] == ["make test", "bash .ci/floor"]
 
 
 def test_one_safetensors_floor() -> None:
