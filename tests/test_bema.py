@@ -72,7 +72,7 @@ def _trained(steps: int = 3, **options: object) -> tuple[nn.Module, torch.optim.
 
 
 def test_applied_has_emas_guards() -> None:
-    """Inside BEMA.applied(): optimizer.step(), update(), nesting raise; in-place edits are caught."""
+    """In BEMA.applied(): optimizer.step(), update(), nesting raise; in-place edits are caught."""
     model, opt, bema = _trained()
     live = {k: v.clone() for k, v in model.state_dict().items()}
     average = {k: v.clone() for k, v in bema.shadow.items()}
@@ -83,9 +83,8 @@ def test_applied_has_emas_guards() -> None:
             bema.update()
         with pytest.raises(SwapError), bema.applied():
             pass  # a second swap would lose the live weights
-    with pytest.raises(SwapError, match="modified in place"), bema.applied() as m:
-        with torch.no_grad():
-            next(m.parameters()).mul_(0)
+    with pytest.raises(SwapError, match="modified in place"), bema.applied() as m, torch.no_grad():
+        next(m.parameters()).mul_(0)
     for k, v in model.state_dict().items():
         assert torch.equal(v, live[k]), k
     assert bema.num_updates == 3

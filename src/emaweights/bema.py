@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from emaweights import functional as F
 from emaweights._naming import BufferPolicy, collect
-from emaweights.averager import Averager, NonFinitePolicy, _short, is_plain, positive_int
+from emaweights.averager import Averager, NonFinitePolicy, _short, parse_clock
 from emaweights.shadow import Shadow, live_on_shadow_device
 
 __all__ = ["BEMA"]
@@ -50,11 +50,7 @@ _POWERS = ("ema_power", "bias_power", "lag", "multiplier")
 
 
 def _positive(value: object, what: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0 < value < math.inf
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{what} must be a finite positive number, got {_short(value)}")
     return float(value)
 
@@ -171,16 +167,7 @@ class BEMA(Averager):
         parsed: dict[str, Any] = {k: _positive(config.get(k), f"saved {k}") for k in _POWERS}
         if parsed["lag"] < 1:
             raise ValueError(f"saved lag must be >= 1, got {parsed['lag']!r}")
-        nonfinite = config.get("nonfinite")
-        if not is_plain(nonfinite, str, "check", "raise", "skip"):
-            raise ValueError(
-                f"saved nonfinite must be 'check', 'raise' or 'skip', got {_short(nonfinite)}"
-            )
-        parsed["update_every"] = positive_int(config.get("update_every"), "saved update_every")
-        parsed["start_step"] = positive_int(
-            config.get("start_step"), "saved start_step", minimum=0
-        )
-        parsed["nonfinite"] = nonfinite
+        parsed.update(parse_clock(config))
         weights = {}
         for k, low in (("ema_init_weight", 0.0), ("init_weight", -1.0)):
             w = state.get(k)

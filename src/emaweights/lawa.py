@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from emaweights import functional as F
 from emaweights._naming import BufferPolicy, collect
-from emaweights.averager import Averager, NonFinitePolicy, _short, is_plain, positive_int
+from emaweights.averager import Averager, NonFinitePolicy, _short, parse_clock, positive_int
 from emaweights.shadow import Shadow
 
 __all__ = ["LAWA"]
@@ -135,19 +135,8 @@ class LAWA(Averager):
         return {"window": [w.state() for w in self._window]}
 
     def _parse_extra(self, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
-        config = state["config"]
-        k = positive_int(config.get("k"), "saved k")
-        nonfinite = config.get("nonfinite")
-        if not is_plain(nonfinite, str, "check", "raise", "skip"):
-            raise ValueError(
-                f"saved nonfinite must be 'check', 'raise' or 'skip', got {_short(nonfinite)}"
-            )
-        parsed = {
-            "k": k,
-            "update_every": positive_int(config.get("update_every"), "saved update_every"),
-            "start_step": positive_int(config.get("start_step"), "saved start_step", minimum=0),
-            "nonfinite": nonfinite,
-        }
+        k = positive_int(state["config"].get("k"), "saved k")
+        config = {"k": k, **parse_clock(state["config"])}
         window = state.get("window")
         # The window holds the last min(num_updates, k) points, in slot order.
         expected = min(positive_int(state["num_updates"], "saved num_updates", minimum=0), k)
@@ -158,17 +147,16 @@ class LAWA(Averager):
             )
         for i, snap in enumerate(window):
             if not isinstance(snap, Mapping):
-                raise ValueError(f"saved window[{i}] must be a mapping of tensors, got {_short(snap)}")
+                raise ValueError(f"saved window[{i}] must be a mapping, not {_short(snap)}")
             try:
                 self._shadow.validate(snap, strict=strict)
             except (KeyError, ValueError) as err:
                 raise type(err)(f"saved window[{i}]: {err}") from err
-        return {"config": parsed, "window": window, "strict": strict}
+        return {"config": config, "window": window, "strict": strict}
 
     def _commit_extra(self, parsed: Mapping[str, Any]) -> None:
-        config = parsed["config"]
-        self.k, self.update_every = config["k"], config["update_every"]
-        self.start_step, self.nonfinite = config["start_step"], config["nonfinite"]
+        for name, value in parsed["config"].items():
+            setattr(self, name, value)
         window = parsed["window"]
         del self._window[len(window) :]
         while len(self._window) < len(window):

@@ -29,7 +29,7 @@ from torch import nn
 
 from emaweights import functional as F
 from emaweights._naming import collect
-from emaweights.averager import Averager, NonFinitePolicy, _short, is_plain, positive_int
+from emaweights.averager import Averager, NonFinitePolicy, _short, parse_clock
 from emaweights.shadow import Shadow
 
 __all__ = ["PullBack"]
@@ -111,7 +111,9 @@ class PullBack(Averager):
 
     @torch.no_grad()
     def pull(self) -> None:
-        r"""Merge now, outside the schedule: :math:`\theta \leftarrow (1-\lambda)\theta + \lambda\theta_o`.
+        r"""Merge now, outside the schedule (not counted in :attr:`merges`).
+
+        :math:`\theta \leftarrow (1-\lambda)\,\theta + \lambda\,\theta_o`.
 
         Raises:
             SwapError: the reference is swapped into the model.
@@ -135,23 +137,8 @@ class PullBack(Averager):
 
     def _parse_extra(self, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
         config = state["config"]
-        nonfinite = config.get("nonfinite")
-        if not is_plain(nonfinite, str, "check", "raise", "skip"):
-            raise ValueError(
-                f"saved nonfinite must be 'check', 'raise' or 'skip', got {_short(nonfinite)}"
-            )
-        return {
-            "config": {
-                "reference_weight": _weight(
-                    config.get("reference_weight"), "saved reference_weight"
-                ),
-                "update_every": positive_int(config.get("update_every"), "saved update_every"),
-                "start_step": positive_int(
-                    config.get("start_step"), "saved start_step", minimum=0
-                ),
-                "nonfinite": nonfinite,
-            }
-        }
+        weight = _weight(config.get("reference_weight"), "saved reference_weight")
+        return {"config": {"reference_weight": weight, **parse_clock(config)}}
 
     def _commit_extra(self, parsed: Mapping[str, Any]) -> None:
         for k, v in parsed["config"].items():
