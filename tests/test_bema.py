@@ -124,6 +124,7 @@ def test_burn_in_follows_the_live_weights_then_holds_between_updates() -> None:
         if s <= 3:
             for k, v in bema.averaged_state_dict().items():
                 assert torch.equal(v, model.state_dict()[k]), (s, k)
+                assert torch.equal(bema.ema[k], model.state_dict()[k]), (s, k)
         seen.append(bema.shadow["0.weight"].clone())
     changed = [s for s in range(2, 10) if not torch.equal(seen[s - 1], seen[s - 2])]
     assert changed == [2, 3, 5, 7, 9]

@@ -39,6 +39,17 @@ def test_mean_of_last_k_snapshots(k: int) -> None:
         assert avg["1.num_batches_tracked"] == history[s]["1.num_batches_tracked"]
 
 
+def test_before_the_first_point_the_average_is_the_starting_weights() -> None:
+    """With start_step, the average follows the live weights until the first point is taken."""
+    torch.manual_seed(0)
+    model = mlp()
+    lawa = LAWA(model, k=2, start_step=2)
+    history = run(model, 2, lambda s: lawa.update())
+    for name, t in lawa.averaged_state_dict().items():
+        assert torch.equal(t.double(), history[2][name]), name
+    assert lawa.n_snapshots == 0
+
+
 def test_bad_k_and_empty() -> None:
     """K < 1 is refused naming the value; averaging before any snapshot raises."""
     with pytest.raises(ValueError, match="0"):

@@ -82,7 +82,7 @@ def test_reference_is_kept_in_state_and_restored_bitwise(tmp_path: Path) -> None
 
 
 def test_start_step_sets_the_reference_and_applied_shows_it() -> None:
-    """With start_step the reference is the weights at that step; applied() swaps it in."""
+    """With start_step the reference is the weights at that step; applied() and export give it."""
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -90,6 +90,8 @@ def test_start_step_sets_the_reference_and_applied_shows_it() -> None:
     _run(model, opt, pb, range(1, 3))
     at2 = {k: v.clone() for k, v in model.state_dict().items()}
     _run(model, opt, pb, range(3, 5))
+    for k, v in pb.averaged_state_dict().items():
+        assert torch.equal(v, at2[k]), k
     with pb.applied() as m:
         for k, v in m.state_dict().items():
             assert torch.equal(v, at2[k]), k
