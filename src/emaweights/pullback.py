@@ -34,8 +34,6 @@ from emaweights.shadow import Shadow
 
 __all__ = ["PullBack"]
 
-_UNSET: Any = object()
-
 
 def _weight(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -52,7 +50,7 @@ class PullBack(Averager):
         update_every: optimizer steps between merges (the merges fall at
             ``start_step + k * update_every``).
         reference_weight: :math:`\lambda`, the weight of the reference in each
-            merge, in [0, 1].
+            merge, in [0, 1] (default 0.5).
         start_step: until this optimizer step the reference follows the live
             weights (it is the weights at this step).
         device: where the reference copy lives (``"cpu"`` spares accelerator memory).
@@ -75,24 +73,23 @@ class PullBack(Averager):
         self,
         model: nn.Module,
         *,
-        update_every: int = _UNSET,
-        reference_weight: float = _UNSET,
+        update_every: int | None = None,
+        reference_weight: float | None = None,
         start_step: int = 0,
         device: torch.device | str | None = None,
         include_frozen: bool = False,
         exclude: Sequence[str] = (),
         foreach: bool | None = None,
         nonfinite: NonFinitePolicy = "check",
-        every: int = _UNSET,
-        beta: float = _UNSET,
+        every: int | None = None,
+        beta: float | None = None,
     ) -> None:
-        update_every = _renamed(every, "every", update_every, "update_every", _UNSET)
-        if update_every is _UNSET:
+        steps = _renamed(every, "every", update_every, "update_every")
+        if steps is None:
             raise TypeError("PullBack() missing the keyword argument 'update_every'")
-        self.reference_weight = _weight(
-            _renamed(beta, "beta", reference_weight, "reference_weight", 0.5), "reference_weight"
-        )
-        self._init_clock(update_every=update_every, start_step=start_step, nonfinite=nonfinite)
+        weight = _renamed(beta, "beta", reference_weight, "reference_weight")
+        self.reference_weight = _weight(0.5 if weight is None else weight, "reference_weight")
+        self._init_clock(update_every=steps, start_step=start_step, nonfinite=nonfinite)
         self.model = model
         self._options: dict[str, Any] = dict(
             include_frozen=include_frozen, exclude=tuple(exclude), buffers="ignore"
@@ -152,11 +149,11 @@ class PullBack(Averager):
         )
 
 
-def _renamed(old: Any, old_name: str, new: Any, new_name: str, default: Any) -> Any:
-    """The value of a renamed keyword: the new one, else the old one (warning), else ``default``."""
-    if old is _UNSET:
-        return default if new is _UNSET else new
-    if new is not _UNSET:
+def _renamed(old: Any, old_name: str, new: Any, new_name: str) -> Any:
+    """The value of a renamed keyword: the new one, else the old one (with a warning), else None."""
+    if old is None:
+        return new
+    if new is not None:
         raise TypeError(f"PullBack(): pass {new_name}= only, not also its old name {old_name}=")
     warnings.warn(
         f"PullBack({old_name}=) is deprecated; use {new_name}=", DeprecationWarning, stacklevel=3
