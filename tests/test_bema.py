@@ -142,3 +142,10 @@ def test_state_of_another_configuration_is_refused_unchanged() -> None:
         bema.load_state_dict({**state, "init_weight": float("nan")})
     for k, v in bema.shadow.items():
         assert torch.equal(v, before[k]), k
+
+
+def test_foreach_option_gives_the_same_numbers() -> None:
+    """BEMA(foreach=False) (per-tensor kernels) equals foreach=True bit for bit."""
+    results = [_trained(5, foreach=f)[2].averaged_state_dict() for f in (True, False)]
+    for k, v in results[0].items():
+        assert torch.equal(results[1][k], v), k

@@ -140,3 +140,16 @@ def test_applied_has_the_swap_guards() -> None:
             opt.step()
     for k, v in model.state_dict().items():
         assert torch.equal(v, live[k]), k
+
+
+def test_foreach_option_gives_the_same_numbers() -> None:
+    """LAWA(foreach=False) (per-tensor kernels) equals foreach=True bit for bit."""
+    results = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = mlp(batchnorm=True)
+        lawa = LAWA(model, k=2, foreach=foreach)
+        run(model, 5, lambda s, lawa=lawa: lawa.update())
+        results.append(lawa.averaged_state_dict())
+    for k, v in results[0].items():
+        assert torch.equal(results[1][k], v), k

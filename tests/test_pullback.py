@@ -98,3 +98,16 @@ def test_start_step_sets_the_reference_and_applied_shows_it() -> None:
         with pytest.raises(SwapError):
             pb.pull()
     assert pb.merges == 0
+
+
+def test_foreach_option_gives_the_same_numbers() -> None:
+    """PullBack(foreach=False) (per-tensor merge) leaves the same weights as foreach=True."""
+    results = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _run(model, opt, PullBack(model, update_every=2, foreach=foreach), range(1, 6))
+        results.append(model.state_dict())
+    for k, v in results[0].items():
+        assert torch.equal(results[1][k], v), k
