@@ -181,3 +181,54 @@ def test_compiled_rejects_bad_input() -> None:
         F.lerp_compiled_(torch.zeros(12)[::2], t, w)
     with pytest.raises(ValueError, match=r"0\.5"):
         F.lerp_compiled_(t, t, 0.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mean_every_foreach_path_agrees_with_float64(dtype: torch.dtype) -> None:
+    """mean_ gives the same numbers on every foreach path, close to the float64 mean."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(3, 4), (7,), (1,)]
+    sources = [[torch.randn(s, generator=g).to(dtype) for s in shapes] for _ in range(4)]
+    results = {}
+    for foreach in (True, False, None):
+        out = [torch.empty(s, dtype=dtype) for s in shapes]
+        F.mean_(out, sources, foreach=foreach)
+        results[foreach] = out
+    for out in results.values():
+        for x, y in zip(out, results[False], strict=True):
+            assert torch.equal(x, y)
+    for i, x in enumerate(results[None]):
+        ref = sum(src[i].double() for src in sources) / len(sources)
+        torch.testing.assert_close(x.double(), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_mean_refuses_no_source_and_mismatched_lists() -> None:
+    """mean_ without sources, or with a list of another length, raises naming the counts."""
+    with pytest.raises(ValueError, match="none"):
+        F.mean_([torch.zeros(2)], [])
+    with pytest.raises(ValueError, match="1 target tensors but 2"):
+        F.mean_([torch.zeros(2)], [[torch.zeros(2), torch.zeros(2)]])
+
+
+@pytest.mark.parametrize("live_dtype", [torch.float32, torch.bfloat16])
+def test_bias_corrected_ema_every_foreach_path_agrees_with_float64(live_dtype: torch.dtype) -> None:
+    """bias_corrected_ema_ is equal on every foreach path and matches its float64 formula."""
+    ema0, ref = _lists(torch.float32)
+    g = torch.Generator().manual_seed(7)
+    live = [torch.randn(t.shape, generator=g).to(live_dtype) for t in ref]
+    w, c = 0.3, 0.2
+    results = {}
+    for foreach in (True, False, None):
+        ema = [t.clone() for t in ema0]
+        out = [torch.empty_like(t) for t in ema0]
+        F.bias_corrected_ema_(out, ema, ref, live, w, c, foreach=foreach)
+        results[foreach] = (ema, out)
+    for ema, out in results.values():
+        for a, b in zip(ema + out, results[False][0] + results[False][1], strict=True):
+            assert torch.equal(a, b)
+    ema, out = results[None]
+    for i in range(len(ema0)):
+        mu = (1 - w) * ema0[i].double() + w * live[i].double()
+        torch.testing.assert_close(ema[i].double(), mu, rtol=1e-6, atol=1e-7)
+        expected = mu + c * (live[i].double() - ref[i].double())
+        torch.testing.assert_close(out[i].double(), expected, rtol=1e-6, atol=1e-6)

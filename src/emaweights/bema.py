@@ -3,7 +3,10 @@ r"""BEMA: bias-corrected EMA (Block & Zhang 2025).
 "EMA Without the Lag: Bias-Corrected Iterate Averaging Schemes".
 
 From the reference point :math:`\theta_0` (the weights at ``start_step``), at
-update :math:`t` (optimizer steps since ``start_step``):
+update :math:`t` (optimizer steps since ``start_step``), in the paper's
+notation (here :math:`\beta_t` is the EMA's *new-value weight*, ``ema_weight``
+in code, not the decay of :class:`~emaweights.EMA`; :math:`\alpha_t` is the
+``correction`` weight):
 
 .. math::
     \beta_t = (\rho + \gamma t)^{-\kappa}, \qquad \alpha_t = (\rho + \gamma t)^{-\eta},
@@ -29,25 +32,30 @@ Memory: three copies (:math:`\theta_0`, :math:`\mu`, :math:`\hat\theta`).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from emaweights._naming import BufferPolicy, canonical_name, collect, unwrap
+from emaweights import functional as F
+from emaweights._naming import BufferPolicy, collect
+from emaweights.averager import Averager, NonFinitePolicy, _short, parse_clock
 from emaweights.shadow import Shadow, live_on_shadow_device
 
 __all__ = ["BEMA"]
 
+_POWERS = ("ema_power", "bias_power", "lag", "multiplier")
 
-def _positive(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{what} must be a positive number, got {value!r}")
+
+def _positive(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{what} must be a finite positive number, got {_short(value)}")
     return float(value)
 
 
-class BEMA:
+class BEMA(Averager):
     r"""Bias-corrected EMA of a model's weights.
 
     Args:
@@ -56,13 +64,24 @@ class BEMA:
         bias_power: :math:`\eta` (> 0; paper default 0.2).
         lag: :math:`\rho` (>= 1 so that :math:`\beta_t \le 1`; paper default 10).
         multiplier: :math:`\gamma` (> 0; paper default 1).
-        update_every: update every this many optimizer steps (paper's :math:`\phi`).
-        start_step: burn-in :math:`\tau`: :math:`\theta_0` is the weights at this step;
-            before it the result is the live weights.
+        update_every: update at every this many optimizer steps after
+            ``start_step`` (the paper's :math:`\phi`); between updates the
+            result keeps its value; :math:`t` counts optimizer steps.
+        start_step: burn-in :math:`\tau`: until this optimizer step the result
+            (and :math:`\theta_0`, :math:`\mu`) follow the live weights, so
+            :math:`\theta_0` is the weights at this step.
         device: shadow device (default: each tensor's own).
         include_frozen, exclude, buffers: which tensors (see :class:`~emaweights.EMA`).
+        foreach: kernel choice (``None``: the fastest available).
+        nonfinite: ``"check"``, ``"raise"`` or ``"skip"`` (see :class:`~emaweights.EMA`).
+
+    Raises:
+        ValueError: an argument out of range (the message names the value).
 
     """
+
+    FORMAT: ClassVar[str] = "emaweights.BEMA"
+    CLOCK_FIELDS: ClassVar[tuple[str, ...]] = ("ema_init_weight", "init_weight")
 
     def __init__(
         self,
@@ -78,88 +97,93 @@ class BEMA:
         include_frozen: bool = False,
         exclude: Sequence[str] = (),
         buffers: BufferPolicy = "average",
+        foreach: bool | None = None,
+        nonfinite: NonFinitePolicy = "check",
     ) -> None:
-        self.kappa = _positive(ema_power, "ema_power")
-        self.eta = _positive(bias_power, "bias_power")
-        self.rho = _positive(lag, "lag")
-        if self.rho < 1:
+        self.ema_power = _positive(ema_power, "ema_power")
+        self.bias_power = _positive(bias_power, "bias_power")
+        self.lag = _positive(lag, "lag")
+        if self.lag < 1:
             raise ValueError(f"lag must be >= 1 (else the EMA weight exceeds 1), got {lag!r}")
-        self.gamma = _positive(multiplier, "multiplier")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
-        self.update_every, self.start_step = update_every, start_step
+        self.multiplier = _positive(multiplier, "multiplier")
+        self._init_clock(update_every=update_every, start_step=start_step, nonfinite=nonfinite)
         self.model = model
-        entries = collect(
-            model, include_frozen=include_frozen, exclude=tuple(exclude), buffers=buffers
+        self._options: dict[str, Any] = dict(
+            include_frozen=include_frozen, exclude=tuple(exclude), buffers=buffers
         )
+        entries = collect(model, **self._options)
         dev = torch.device(device) if device is not None else None
-        self._theta0 = Shadow(entries, device=dev)
-        self._mu = Shadow(entries, device=dev)
-        self._out = Shadow(entries, device=dev)
-        self.step = 0
-        self._ema_init_weight = 1.0  # weight of theta_0 in mu: prod (1 - beta_k)
+        self._foreach = foreach
+        self._reference = Shadow(entries, device=dev, foreach=foreach)  # theta_0
+        self._ema = Shadow(entries, device=dev, foreach=foreach)  # mu
+        self._shadow = Shadow(entries, device=dev, foreach=foreach)  # the result
+        self.ema_init_weight = 1.0  # weight of theta_0 in mu: prod (1 - beta_k)
         self.init_weight = 1.0  # weight of theta_0 in the result: prod (1 - beta_k) - alpha_t
 
+    def _storages(self) -> dict[str, Shadow]:
+        return {"shadow": self._shadow, "ema": self._ema, "reference": self._reference}
+
     def weights(self, t: int) -> tuple[float, float]:
-        r"""(:math:`\beta_t`, :math:`\alpha_t`) at ``t`` optimizer steps after ``start_step``."""
-        base = self.rho + self.gamma * t
-        return base**-self.kappa, base**-self.eta
+        r"""(:math:`\beta_t`, :math:`\alpha_t`): EMA and correction weights ``t`` steps in."""
+        base = self.lag + self.multiplier * t
+        return base**-self.ema_power, base**-self.bias_power
 
-    @torch.no_grad()
-    def update(self, step: int | None = None) -> None:
-        r"""Update after ``optimizer.step()``; ``step`` defaults to one more than the last.
+    # -- the rule ----------------------------------------------------------
 
-        Also advances :attr:`init_weight`, the weight of :math:`\theta_0` in the result,
-        :math:`\prod_k (1 - \beta_k) - \alpha_t` (negative once the correction dominates).
-        """
-        self.step = self.step + 1 if step is None else step
-        if self.step <= self.start_step:
-            for s in (self._theta0, self._mu, self._out):
-                s.copy_from_live_()
-            self._ema_init_weight = self.init_weight = 1.0
-            return
-        t = self.step - self.start_step
-        if t % self.update_every:
-            return
-        beta, alpha = self.weights(t)
-        self._mu.average_(beta)
-        self._ema_init_weight *= 1.0 - beta
-        self.init_weight = self._ema_init_weight - alpha
-        for go, gm, g0 in zip(
-            self._out.averaged, self._mu.averaged, self._theta0.averaged, strict=True
+    def _on_copy(self) -> None:
+        super()._on_copy()
+        self.ema_init_weight = self.init_weight = 1.0
+
+    def _rule(self) -> None:
+        r"""Also advances :attr:`init_weight`, :math:`\prod_k (1 - \beta_k) - \alpha_t`."""
+        ema_weight, correction = self.weights(self.step - self.start_step)
+        for out, ema, ref in zip(
+            self._shadow.averaged, self._ema.averaged, self._reference.averaged, strict=True
         ):
-            live = live_on_shadow_device(gm, self._mu.foreach)
-            torch._foreach_copy_(go.views, gm.views)
-            torch._foreach_add_(go.views, live, alpha=alpha)
-            torch._foreach_add_(go.views, g0.views, alpha=-alpha)
-        self._out.copy_copied_()
-
-    @property
-    def shadow(self) -> dict[str, Tensor]:
-        r"""The corrected average :math:`\hat\theta` by canonical name."""
-        return self._out.state()
+            live = live_on_shadow_device(ema, self._foreach)
+            F.bias_corrected_ema_(
+                out.views, ema.views, ref.views, live, ema_weight, correction, foreach=self._foreach
+            )
+        self._shadow.copy_copied_()
+        self.ema_init_weight *= 1.0 - ema_weight
+        self.init_weight = self.ema_init_weight - correction
+        self._last_step = self.step
 
     @property
     def ema(self) -> dict[str, Tensor]:
         r"""The uncorrected EMA :math:`\mu` by canonical name."""
-        return self._mu.state()
+        return self._ema.state()
 
-    def averaged_state_dict(self) -> dict[str, Tensor]:
-        """A model state dict (canonical names, model dtype/device) of the corrected average."""
-        out = {}
-        for key, value in unwrap(self.model).state_dict().items():
-            name = canonical_name(key)
-            src = self._out.tensors.get(name, value)
-            out[name] = src.to(value.device, value.dtype, copy=True)
-        return out
+    # -- checkpoints -------------------------------------------------------
 
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[nn.Module]:
-        """Evaluate with the corrected average swapped in; restored on exit."""
-        record = self._out.swap_in()
-        try:
-            yield self.model
-        finally:
-            self._out.swap_out(record)
+    def _config(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in _POWERS}, **super()._config()}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"ema_init_weight": self.ema_init_weight, "init_weight": self.init_weight}
+
+    def _parse_extra(self, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+        config = state["config"]
+        parsed: dict[str, Any] = {k: _positive(config.get(k), f"saved {k}") for k in _POWERS}
+        if parsed["lag"] < 1:
+            raise ValueError(f"saved lag must be >= 1, got {parsed['lag']!r}")
+        parsed.update(parse_clock(config))
+        weights = {}
+        for k, low in (("ema_init_weight", 0.0), ("init_weight", -1.0)):
+            w = state.get(k)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not low <= w <= 1.0:
+                raise ValueError(f"saved {k} must be a number in [{low}, 1], got {_short(w)}")
+            weights[k] = float(w)
+        return {"config": parsed, **weights}
+
+    def _commit_extra(self, parsed: Mapping[str, Any]) -> None:
+        for k, v in parsed["config"].items():
+            setattr(self, k, v)
+        self.ema_init_weight, self.init_weight = parsed["ema_init_weight"], parsed["init_weight"]
+
+    def __repr__(self) -> str:
+        return (
+            f"BEMA(ema_power={self.ema_power}, bias_power={self.bias_power}, lag={self.lag}, "
+            f"multiplier={self.multiplier}, update_every={self.update_every}, "
+            f"start_step={self.start_step}, step={self.step})"
+        )

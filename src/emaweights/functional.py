@@ -23,11 +23,13 @@ from torch import Tensor
 
 __all__ = [
     "Batch",
+    "bias_corrected_ema_",
     "copy_",
     "ema_update_",
     "lerp_",
     "lerp_compiled_",
     "lerp_staged_",
+    "mean_",
     "stage_batches",
     "stochastic_round_",
 ]
@@ -147,6 +149,91 @@ def copy_(
         return
     for t, s in zip(target, source, strict=True):
         t.copy_(s, non_blocking=True)
+
+
+def mean_(
+    target: Sequence[Tensor],
+    sources: Sequence[Sequence[Tensor]],
+    *,
+    foreach: bool | None = None,
+) -> None:
+    r"""Overwrite ``target`` with the mean of the ``sources`` lists: :math:`t = \frac1n\sum_i s_i`.
+
+    The sum runs in the order of ``sources`` (so the result is reproducible
+    bit for bit), in ``target``'s dtype.
+
+    Args:
+        target: tensors overwritten in place.
+        sources: ``n >= 1`` lists, each paired with ``target`` by position.
+        foreach: see :func:`lerp_`.
+
+    Raises:
+        ValueError: no source list, or a list of another length.
+
+    """
+    if not sources:
+        raise ValueError("mean_: needs at least one source list, got none")
+    for s in sources:
+        _check_pairs(target, s, "mean_")
+    if not target:
+        return
+    n = float(len(sources))
+    if _use_foreach(target, foreach):
+        targets = list(target)
+        torch._foreach_copy_(targets, list(sources[0]))
+        for s in sources[1:]:
+            torch._foreach_add_(targets, list(s))
+        torch._foreach_div_(targets, n)
+        return
+    for i, t in enumerate(target):
+        t.copy_(sources[0][i])
+        for s in sources[1:]:
+            t.add_(s[i])
+        t.div_(n)
+
+
+def bias_corrected_ema_(
+    result: Sequence[Tensor],
+    ema: Sequence[Tensor],
+    reference: Sequence[Tensor],
+    live: Sequence[Tensor],
+    ema_weight: float,
+    correction: float,
+    *,
+    foreach: bool | None = None,
+) -> None:
+    r"""One BEMA step (Block & Zhang 2025), in place on ``ema`` and ``result``.
+
+    .. math::
+        \mu \leftarrow \mu + w\,(\theta - \mu), \qquad
+        \hat\theta \leftarrow \mu + c\,(\theta - \theta_0)
+
+    with :math:`w` the EMA's new-value weight and :math:`c` the weight of the
+    bias correction.
+
+    Args:
+        result: :math:`\hat\theta`, overwritten.
+        ema: :math:`\mu`, updated in place.
+        reference: :math:`\theta_0`, read.
+        live: :math:`\theta`, read (may have another dtype than the others).
+        ema_weight: :math:`w`.
+        correction: :math:`c`.
+        foreach: see :func:`lerp_`.
+
+    """
+    for other, what in ((ema, "ema"), (reference, "reference"), (live, "live")):
+        _check_pairs(result, other, f"bias_corrected_ema_ ({what})")
+    lerp_(ema, live, ema_weight, foreach=foreach)
+    if not result:
+        return
+    if _use_foreach(result, foreach):
+        results = list(result)
+        torch._foreach_copy_(results, list(ema))
+        torch._foreach_add_(results, list(live), alpha=correction)
+        torch._foreach_add_(results, list(reference), alpha=-correction)
+        return
+    for r, m, x, x0 in zip(result, ema, live, reference, strict=True):
+        r.copy_(m).add_(x, alpha=correction).add_(x0, alpha=-correction)
 
 
 # -- staged kernels: mixed dtypes and stochastic rounding without a full-size temporary --

@@ -1,92 +1,95 @@
 r"""Latest-weight averaging (LAWA; Kaddour 2022, Sanyal et al. 2023).
 
-The mean of the last :math:`k` epoch checkpoints,
+The mean of the last :math:`k` averaged points (e.g. epoch ends),
 
 .. math:: \bar\theta_E = \frac{1}{k}\sum_{e=E-k+1}^{E}\theta_e .
 
 An exact sliding window needs the :math:`k` checkpoints themselves (a running
 sum would have to subtract the oldest one, which must then be kept anyway), so
-:class:`LAWA` holds a ring of :math:`k` snapshots. The memory need not be the
-accelerator's: ``device="cpu"`` keeps the ring in host memory (one copy per
-snapshot, read only when the average is formed). The average is formed on
-demand, not per step, so the training loop pays only one copy per epoch.
+:class:`LAWA` holds a window of up to :math:`k` snapshots, overwritten oldest
+first, and the mean, formed at each update (the one storage swapped in and
+exported). The memory need not be the accelerator's: ``device="cpu"`` keeps
+the window and the mean in host memory.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from emaweights import functional as F
-from emaweights._naming import BufferPolicy, canonical_name, collect, unwrap
+from emaweights._naming import BufferPolicy, collect
+from emaweights.averager import Averager, NonFinitePolicy, _short, parse_clock, positive_int
 from emaweights.shadow import Shadow
 
 __all__ = ["LAWA"]
 
 
-class LAWA:
-    """Average of the last ``k`` snapshots (taken by :meth:`update`, e.g. at epoch ends).
+class LAWA(Averager):
+    """Mean of the last ``k`` points, one taken at each (due) :meth:`update`.
+
+    Call :meth:`update` after every optimizer step with
+    ``update_every=steps_per_epoch`` to average epoch ends, or only at epoch
+    ends with the default ``update_every=1``. Until the first point the
+    average is the starting weights (the weights at ``start_step``).
 
     Args:
         model: the model.
         k: window length (>= 1).
-        device: where the snapshots live (default: each tensor's own device).
-        include_frozen: also snapshot frozen parameters.
+        update_every: take a point every this many optimizer steps.
+        start_step: points before this optimizer step are not taken.
+        device: where the window and the mean live (default: each tensor's own device).
+        include_frozen: also average frozen parameters.
         exclude: glob patterns of canonical names to leave out.
-        buffers: floating buffers ``"average"``, ``"copy"`` or ``"ignore"``.
+        buffers: floating buffers ``"average"``, ``"copy"`` or ``"ignore"``;
+            integer buffers hold the latest point's values.
+        foreach: kernel choice (``None``: the fastest available).
+        nonfinite: ``"check"``, ``"raise"`` or ``"skip"`` (see :class:`~emaweights.EMA`).
 
     Raises:
-        ValueError: ``k`` is not a positive int.
+        ValueError: an argument out of range (the message names the value).
 
     """
+
+    FORMAT: ClassVar[str] = "emaweights.LAWA"
 
     def __init__(
         self,
         model: nn.Module,
         k: int = 5,
         *,
+        update_every: int = 1,
+        start_step: int = 0,
         device: torch.device | str | None = None,
         include_frozen: bool = False,
         exclude: Sequence[str] = (),
         buffers: BufferPolicy = "average",
+        foreach: bool | None = None,
+        nonfinite: NonFinitePolicy = "check",
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        self.model, self.k = model, k
-        self._entries = collect(
-            model, include_frozen=include_frozen, exclude=tuple(exclude), buffers=buffers
+        self.k = positive_int(k, "k")
+        self._init_clock(update_every=update_every, start_step=start_step, nonfinite=nonfinite)
+        self.model = model
+        self._options: dict[str, Any] = dict(
+            include_frozen=include_frozen, exclude=tuple(exclude), buffers=buffers
         )
+        self._entries = collect(model, **self._options)
         self._device = torch.device(device) if device is not None else None
-        self._ring: list[Shadow] = []
-        self._next = 0  # ring index the next snapshot overwrites, once full
-        self.step = 0  # optimizer steps seen
-        self.num_updates = 0  # snapshots taken
+        self._foreach = foreach
+        self._shadow = self._new_storage()  # the mean
+        self._window: list[Shadow] = []  # slot i holds point i, i + k, i + 2k, ...
+
+    def _new_storage(self) -> Shadow:
+        return Shadow(self._entries, device=self._device, foreach=self._foreach)
 
     @property
     def n_snapshots(self) -> int:
-        """Snapshots in the window now (at most ``k``)."""
-        return len(self._ring)
-
-    def update(self, step: int | None = None) -> None:
-        """Add the current weights to the window, dropping the oldest once it holds ``k``.
-
-        Args:
-            step: the optimizer step (default: one more than the last call); it
-                must not go backwards.
-
-        Raises:
-            ValueError: ``step`` is not an int or goes backwards.
-
-        """
-        new = self.step + 1 if step is None else step
-        if isinstance(new, bool) or not isinstance(new, int) or new < self.step:
-            raise ValueError(f"step must be an int >= the last step ({self.step}), got {step!r}")
-        self.step = new
-        self.num_updates += 1
-        self._add()
+        """Points in the window now (at most ``k``)."""
+        return len(self._window)
 
     def snapshot(self) -> None:
         """Deprecated alias of :meth:`update` (the one verb every averager shares)."""
@@ -95,42 +98,74 @@ class LAWA:
         )
         self.update()
 
-    def _add(self) -> None:
-        if len(self._ring) < self.k:
-            self._ring.append(Shadow(self._entries, device=self._device))
-            return
-        self._ring[self._next].copy_from_live_()
-        self._next = (self._next + 1) % self.k
+    # -- the rule ----------------------------------------------------------
+
+    def _rule(self) -> None:
+        slot = self.num_updates % self.k  # the oldest point, once the window is full
+        if slot == len(self._window):
+            self._window.append(self._new_storage())  # a new Shadow copies the live weights
+        else:
+            self._window[slot].copy_from_live_()
+        self._last_step = self.step
+        self._form_mean()
+        self._shadow.copy_copied_()  # integer buffers: the latest point's
+
+    def _form_mean(self) -> None:
+        for gi, g in enumerate(self._shadow.averaged):
+            F.mean_(g.views, [w.averaged[gi].views for w in self._window], foreach=self._foreach)
 
     @torch.no_grad()
     def average(self) -> dict[str, Tensor]:
-        """The mean of the snapshots in the window, by canonical name (shadow dtype/device).
-
-        Integer buffers hold the latest snapshot's values.
+        """The mean of the points in the window, by canonical name (copies; storage dtype/device).
 
         Raises:
-            RuntimeError: no snapshot yet.
+            RuntimeError: no point taken yet.
 
         """
-        if not self._ring:
-            raise RuntimeError("LAWA.average(): no snapshot taken yet")
-        latest = self._ring[(self._next - 1) % len(self._ring)]
-        out = {n: t.clone() for n, t in latest.tensors.items()}
-        names = [g.entries for g in latest.averaged]
-        for group_entries in names:
-            dst = [out[e.name] for e in group_entries]
-            F.copy_(dst, [self._ring[0].tensors[e.name] for e in group_entries])
-            for snap in self._ring[1:]:
-                torch._foreach_add_(dst, [snap.tensors[e.name] for e in group_entries])
-            torch._foreach_div_(dst, float(len(self._ring)))
-        return out
+        if not self._window:
+            raise RuntimeError("LAWA.average(): no snapshot taken yet (call update() first)")
+        return {n: t.clone() for n, t in self.shadow.items()}
 
-    def averaged_state_dict(self) -> dict[str, Tensor]:
-        """A model state dict (canonical names, model dtype/device) holding the average."""
-        avg = self.average()
-        out = {}
-        for key, value in unwrap(self.model).state_dict().items():
-            name = canonical_name(key)
-            src = avg.get(name, value)
-            out[name] = src.to(value.device, value.dtype, copy=True)
-        return out
+    # -- checkpoints -------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        return {"k": self.k, **super()._config()}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"window": [w.state() for w in self._window]}
+
+    def _parse_extra(self, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+        k = positive_int(state["config"].get("k"), "saved k")
+        config = {"k": k, **parse_clock(state["config"])}
+        window = state.get("window")
+        # The window holds the last min(num_updates, k) points, in slot order.
+        expected = min(positive_int(state["num_updates"], "saved num_updates", minimum=0), k)
+        if not isinstance(window, list) or len(window) != expected:
+            raise ValueError(
+                f"saved window must be a list of {expected} snapshots (k={k}, "
+                f"num_updates={state['num_updates']}), got {_short(window)}"
+            )
+        for i, snap in enumerate(window):
+            if not isinstance(snap, Mapping):
+                raise ValueError(f"saved window[{i}] must be a mapping, not {_short(snap)}")
+            try:
+                self._shadow.validate(snap, strict=strict)
+            except (KeyError, ValueError) as err:
+                raise type(err)(f"saved window[{i}]: {err}") from err
+        return {"config": config, "window": window, "strict": strict}
+
+    def _commit_extra(self, parsed: Mapping[str, Any]) -> None:
+        for name, value in parsed["config"].items():
+            setattr(self, name, value)
+        window = parsed["window"]
+        del self._window[len(window) :]
+        while len(self._window) < len(window):
+            self._window.append(self._new_storage())
+        for storage, snap in zip(self._window, window, strict=True):
+            storage.load_(snap, strict=parsed["strict"], validated=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"LAWA(k={self.k}, update_every={self.update_every}, start_step={self.start_step}, "
+            f"n_snapshots={self.n_snapshots}, step={self.step})"
+        )

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import emaweights
 from emaweights import EMA, SWA, MultiEMA, SwitchEMA
 
 
@@ -26,6 +27,9 @@ AVERAGERS = [
     Case("MultiEMA", lambda m, **o: MultiEMA(m, [0.9, 0.5], **o)),
     Case("SWA", lambda m, **o: SWA(m, **o)),
     Case("SwitchEMA", lambda m, **o: SwitchEMA(m, 0.9, switch_every=4, **o)),
+    Case("LAWA", lambda m, **o: emaweights.LAWA(m, k=2, **o)),
+    Case("BEMA", lambda m, **o: emaweights.BEMA(m, **o)),
+    Case("PullBack", lambda m, **o: emaweights.PullBack(m, update_every=2, **o)),
 ]
 
 BY_NAME = {c.name: c for c in AVERAGERS}

@@ -29,7 +29,7 @@ FACTORIES: dict[str, Callable[[nn.Module], Any]] = {
     "SWA": lambda m: emaweights.SWA(m),
     "BEMA": lambda m: emaweights.BEMA(m),
     "SwitchEMA": lambda m: emaweights.SwitchEMA(m, 0.8),
-    "PullBack": lambda m: emaweights.PullBack(m, every=2),
+    "PullBack": lambda m: emaweights.PullBack(m, update_every=2),
     "LAWA": lambda m: emaweights.LAWA(m),
 }
 

@@ -250,7 +250,7 @@ class PullBackMethod(_Base):
 
     def start(self, model: nn.Module) -> None:
         """Keep the pre-trained weights."""
-        self._pb = PullBack(model, every=self.every, beta=self.beta)
+        self._pb = PullBack(model, update_every=self.every, reference_weight=self.beta)
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Merge at multiples of ``every``."""
