@@ -17,15 +17,19 @@ import copy
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-from emaweights import EMA
+from emaweights import EMA, SWA
+from emaweights.averager import Averager
 from emaweights.bench.anchors import import_anchor, timm_model_ema
+from emaweights.export import load_averaged, save_averaged
 from emaweights.schedules import Constant, PowerWarmup, Warmup
 
 STEPS, RESUME_AT = 40, 17
@@ -45,7 +49,9 @@ def _need(loader: Callable[[], ModuleType]) -> ModuleType:
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3)).double()
+    model = nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
+    model[3].bias.requires_grad_(False)  # one frozen parameter: the libraries differ on those
+    return model.double()
 
 
 def _batches(n: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -65,8 +71,8 @@ class Anchor:
 
 
 def _run(
-    make_anchor: Callable[[nn.Module], Anchor], make_ours: Callable[[nn.Module], EMA]
-) -> tuple[nn.Module, Anchor, EMA]:
+    make_anchor: Callable[[nn.Module], Anchor], make_ours: Callable[[nn.Module], Averager]
+) -> tuple[nn.Module, Anchor, Averager]:
     """Train STEPS steps updating both; ours is saved and reloaded after RESUME_AT."""
     model = _model()
     anchor, ours = make_anchor(model), make_ours(model)
@@ -89,9 +95,9 @@ def _run(
 
 def _assert_equivalent(
     make_anchor: Callable[[nn.Module], Anchor],
-    make_ours: Callable[[nn.Module], EMA],
+    make_ours: Callable[[nn.Module], Averager],
     tol: dict[str, float] = TOL,
-) -> tuple[nn.Module, Anchor, EMA]:
+) -> tuple[nn.Module, Anchor, Averager]:
     model, anchor, ours = _run(make_anchor, make_ours)
     theirs, mine = anchor.averaged(), ours.averaged_state_dict()
     assert theirs, "the anchor averaged nothing"
@@ -130,11 +136,13 @@ def test_averaged_model_ema_with_buffers(decay: float) -> None:
         avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)  # type: ignore[no-untyped-call]
         return Anchor(lambda k: avg.update_parameters(model), lambda: _floating(avg.module), avg)
 
-    _, _, ours = _assert_equivalent(
+    _, theirs, ours = _assert_equivalent(
         anchor, lambda m: EMA(m, decay, start_step=1, include_frozen=True)
     )
-    # Integer buffers: ours copies num_batches_tracked (AveragedModel averages it as a float).
+    # Integer buffers: ours copies num_batches_tracked; AveragedModel averages and truncates it.
     assert ours.averaged_state_dict()["1.num_batches_tracked"] == STEPS
+    assert isinstance(theirs.evaluate, nn.Module)
+    assert theirs.evaluate.state_dict()["module.1.num_batches_tracked"] < STEPS
 
 
 def test_averaged_model_without_buffers_then_update_bn() -> None:
@@ -159,19 +167,23 @@ def test_averaged_model_without_buffers_then_update_bn() -> None:
         torch.testing.assert_close(final.state_dict()[name], value, **TOL)
 
 
-def test_averaged_model_swa_is_not_an_ema() -> None:
-    """The default AveragedModel (no avg_fn) is an equal-weight average: emaweights.SWA, not EMA."""
-    model = _model()
-    avg = AveragedModel(model)  # type: ignore[no-untyped-call]
-    ema = EMA(model, 0.9, start_step=1)
-    for k in range(1, 4):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(float(k))
-        avg.update_parameters(model)
-        ema.update()
-    weight = dict(avg.module.named_parameters())["0.weight"]
-    assert not torch.allclose(ema.averaged_state_dict()["0.weight"], weight)
+def test_averaged_model_default_is_swa() -> None:
+    """AveragedModel(model) (equal weights, buffers copied) = SWA(model, buffers="copy")."""
+
+    def anchor(model: nn.Module) -> Anchor:
+        avg = AveragedModel(model)  # type: ignore[no-untyped-call]
+        return Anchor(lambda k: avg.update_parameters(model), lambda: _floating(avg.module), avg)
+
+    _assert_equivalent(anchor, lambda m: SWA(m, include_frozen=True, buffers="copy"))
+
+
+def test_fp32_shadow_where_averaged_model_keeps_the_model_dtype() -> None:
+    """For a bf16 model AveragedModel averages in bf16; our shadow is float32."""
+    model = _model().to(torch.bfloat16)
+    avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999))  # type: ignore[no-untyped-call]
+    ema = EMA(model, 0.999)
+    assert {p.dtype for p in avg.module.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in ema.shadow.values() if t.is_floating_point()} == {torch.float32}
 
 
 # -- timm ModelEmaV3 ------------------------------------------------------------
@@ -191,8 +203,13 @@ def _timm_anchor(**kwargs: object) -> Callable[[nn.Module], Anchor]:
 
 
 def test_timm_constant() -> None:
-    """ModelEmaV3(decay=β) with update(model) = EMA(β, include_frozen=True)."""
-    _assert_equivalent(_timm_anchor(decay=0.9), lambda m: EMA(m, 0.9, include_frozen=True))
+    """ModelEmaV3(decay=β) with update(model) = EMA(β, include_frozen=True); ints copied."""
+    _, theirs, ours = _assert_equivalent(
+        _timm_anchor(decay=0.9), lambda m: EMA(m, 0.9, include_frozen=True)
+    )
+    assert isinstance(theirs.evaluate, nn.Module)
+    count = theirs.evaluate.state_dict()["1.num_batches_tracked"]
+    assert count == ours.averaged_state_dict()["1.num_batches_tracked"] == STEPS
 
 
 def test_timm_exclude_buffers() -> None:
@@ -252,9 +269,11 @@ def test_ema_pytorch(after: int, min_value: float) -> None:
             power=0.75,
             min_value=min_value,
         )
+        holder.append(e)
         return Anchor(lambda k: e.update(), lambda: _floating(e.ema_model), e.ema_model)
 
-    _assert_equivalent(
+    holder: list[Any] = []
+    _, _, ours = _assert_equivalent(
         anchor,
         lambda m: EMA(
             m,
@@ -264,6 +283,10 @@ def test_ema_pytorch(after: int, min_value: float) -> None:
         ),
         tol=FP32_DECAY_TOL,
     )
+    # Integer buffers: ema-pytorch never copies them (its copy keeps the value at
+    # construction); ours copies them.
+    assert holder[0].ema_model.state_dict()["1.num_batches_tracked"] == 0
+    assert ours.averaged_state_dict()["1.num_batches_tracked"] == STEPS
 
 
 # -- torch_ema ----------------------------------------------------------------------
@@ -316,12 +339,17 @@ def _diffusers_anchor(**kwargs: object) -> Callable[[nn.Module], Anchor]:
 
 
 @pytest.mark.parametrize("after", [0, 3])
-def test_diffusers_default_warmup(after: int) -> None:
+def test_diffusers_default_warmup(after: int, tmp_path: Path) -> None:
     """EMAModel(decay, update_after_step=u) = Warmup(decay, offset=1), start_step=u + 1."""
-    _assert_equivalent(
+    _, anchor, ours = _assert_equivalent(
         _diffusers_anchor(decay=0.95, update_after_step=after),
         lambda m: EMA(m, Warmup(0.95, offset=1), start_step=after + 1, buffers="ignore"),
     )
+    pytest.importorskip("safetensors", reason="safetensors is not installed")
+    save_averaged(ours, tmp_path / "ema.safetensors")  # the save_pretrained row
+    saved = load_averaged(tmp_path / "ema.safetensors")
+    for name, value in anchor.averaged().items():
+        torch.testing.assert_close(saved[name], value, **TOL)
 
 
 @pytest.mark.parametrize(("after", "min_decay"), [(0, 0.0), (3, 0.5)])
