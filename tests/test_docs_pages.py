@@ -11,6 +11,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = ("ema.md", "migration.md")
 # A snippet using torch.compile compiles a kernel first (seconds to tens of seconds).
 SLOW = "compiled=True"
+EVERYTHING = re.compile(r"runs (them|it) all|whole (test )?suite|all (the )?tests|every test")
 
 
 def _snippets() -> list[object]:
@@ -36,3 +37,14 @@ def test_snippet_runs(
     """The snippet executes without error (in a temporary working directory)."""
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"docs/{page} snippet {index}", "exec"), {})
+
+
+def test_make_test_is_never_said_to_run_every_test() -> None:
+    """Wherever the docs say what `make test` runs, they also say it leaves out `slow`."""
+    root = DOCS.parent
+    for page in [root / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        text = " ".join(page.read_text("utf-8").split())
+        for m in re.finditer(r"`make test` runs", text):
+            nearby = text[m.start() : m.start() + 200]
+            assert "slow" in nearby, f"{page.relative_to(root)}: {nearby!r}"
+            assert not EVERYTHING.search(nearby), f"{page.relative_to(root)}: {nearby!r}"
