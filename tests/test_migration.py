@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,3 +405,11 @@ def test_the_oracle_anchor_matches_with_the_right_offset() -> None:
         lambda model: _averaged_model_warmup(model, offset=1),
         lambda m: EMA(m, Warmup(0.95, offset=1), start_step=1, include_frozen=True),
     )
+
+
+def test_every_test_the_page_cites_exists() -> None:
+    """Each test named in docs/migration.md is a test of this module."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "migration.md").read_text("utf-8")
+    cited = set(re.findall(r"`(test_\w+)`", page))
+    assert len(cited) >= 10
+    assert cited <= {name for name in globals() if name.startswith("test_")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,16 @@ def test_speed_lists_a_missing_timm_as_skipped(monkeypatch: pytest.MonkeyPatch) 
     assert "timm ModelEmaV3" not in made
     assert anchors.TIMM_HINT in skipped["timm ModelEmaV3"]
     assert "AveragedModel (multi_avg_fn)" in made  # torch's own: always there
+
+
+def test_bench_anchors_extra_pulls_no_torchvision() -> None:
+    """The extra leaves timm out (its torchvision pins a CUDA torch); make installs it --no-deps."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["bench-anchors"]
+    names = {re.split(r"[<>=!~\[; ]", req)[0].lower() for req in extra}
+    assert names == {"ema-pytorch", "torch-ema", "diffusers"}
+    assert "pip install -q --no-deps timm" in (root / "Makefile").read_text()
