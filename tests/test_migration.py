@@ -307,10 +307,29 @@ def test_torch_ema(num_updates: bool) -> None:
             with e.average_parameters():
                 return model(x)
 
+        holder.append(e)
         return Anchor(lambda k: e.update(), lambda: _by_name(model, e.shadow_params), evaluate)
 
+    holder: list[Any] = []
     schedule = Warmup(0.95, offset=1) if num_updates else Constant(0.95)
-    _assert_equivalent(anchor, lambda m: EMA(m, schedule, buffers="ignore", include_frozen=True))
+    model, _, ours = _assert_equivalent(
+        anchor, lambda m: EMA(m, schedule, buffers="ignore", include_frozen=True)
+    )
+    x = torch.randn(4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        holder[0].store()  # the seed-style pair: store/copy_to/restore = apply_shadow/restore
+        holder[0].copy_to()
+        expected = model(x)
+        holder[0].restore()
+        ours.apply_shadow()
+        got = model(x)
+        ours.restore()
+    torch.testing.assert_close(got, expected, **TOL)
+    theirs_final, ours_final = copy.deepcopy(model), copy.deepcopy(model)
+    holder[0].copy_to(theirs_final.parameters())  # copy_to for good
+    ours.copy_to(ours_final)
+    for (name, a), b in zip(ours_final.named_parameters(), theirs_final.parameters(), strict=True):
+        torch.testing.assert_close(a, b, **TOL, msg=name)
 
 
 # -- diffusers EMAModel ----------------------------------------------------------------
