@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from emaweights.bench import anchors, speed
 
@@ -71,3 +72,16 @@ def test_bench_anchors_extra_pulls_no_torchvision() -> None:
     names = {re.split(r"[<>=!~\[; ]", req)[0].lower() for req in extra}
     assert names == {"ema-pytorch", "torch-ema", "diffusers"}
     assert "pip install -q --no-deps timm" in (root / "Makefile").read_text()
+
+
+def test_speed_times_every_installed_anchor_on_a_model() -> None:
+    """Each anchor bench-speed found builds on a model and updates it (timm's too, if installed)."""
+    made, skipped = speed._anchor_factories()
+    if importlib.util.find_spec("timm") is not None:
+        assert "timm ModelEmaV3" in made, skipped
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    for name, make in made.items():
+        update = make(model)
+        update()
+        update()
+        assert callable(update), name
