@@ -6,17 +6,20 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
-EXTRAS := dev,bench,lightning,transformers,accelerate,peft,safetensors
+EXTRAS := dev,bench,lightning,transformers,accelerate,peft,safetensors,bench-anchors
 
 .PHONY: demo test lint typecheck venv clean gpu-check
 
 venv: $(VENV)/.installed
 
+# timm goes in without its torchvision (PyPI builds that for CUDA torch only):
+# the migration tests and bench-speed load timm/utils/model_ema.py alone.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q --no-deps timm
 	touch $@
 
 demo: venv

@@ -49,7 +49,9 @@ def test_decay_over_is_product_of_steps() -> None:
     assert s.decay_over(3, 4) == pytest.approx(math.prod(s(t) for t in range(3, 7)))
 
 
-@pytest.mark.parametrize("s", [Constant(0.9), HalfLife(12.5), Warmup(0.99), PowerWarmup()])
+@pytest.mark.parametrize(
+    "s", [Constant(0.9), HalfLife(12.5), Warmup(0.99, offset=1), PowerWarmup(offset=2)]
+)
 def test_round_trip(s: object) -> None:
     """to_dict / schedule_from_dict round-trips every schedule."""
     assert schedule_from_dict(s.to_dict()) == s  # type: ignore[attr-defined]
@@ -72,3 +74,42 @@ def test_unknown_kind() -> None:
     """An unknown schedule kind in a checkpoint raises, naming it."""
     with pytest.raises(ValueError, match="'cosine'"):
         schedule_from_dict({"kind": "cosine"})
+
+
+@pytest.mark.parametrize("offset", [0, 1, 7])
+def test_warmup_offset_shifts_the_count(offset: int) -> None:
+    """Warmup(offset=o) at t is the formula at t + o, i.e. Warmup() at t + o."""
+    s, base = Warmup(0.95, offset=offset), Warmup(0.95)
+    for t in (0, 1, 5, 100):
+        assert s(t) == min(0.95, (1 + t + offset) / (10 + t + offset)) == base(t + offset)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 7])
+def test_power_warmup_offset_shifts_the_count(offset: int) -> None:
+    """PowerWarmup(offset=o) at t is PowerWarmup() at t + o, clip included."""
+    kw = dict(inv_gamma=2.0, power=0.75, min_decay=0.2, max_decay=0.99)
+    s, base = PowerWarmup(**kw, offset=offset), PowerWarmup(**kw)  # type: ignore[arg-type]
+    for t in (0, 1, 3, 50, 10**6):
+        assert s(t) == base(t + offset)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_bad_offset_names_value(bad: object) -> None:
+    """A negative or non-int offset raises, naming the value."""
+    with pytest.raises(ValueError, match=repr(bad)):
+        Warmup(0.9, offset=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=repr(bad)):
+        PowerWarmup(offset=bad)  # type: ignore[arg-type]
+
+
+def test_schedule_saved_before_offset_loads_with_offset_zero() -> None:
+    """A warm-up schedule saved without 'offset' (older checkpoints) loads with offset 0."""
+    assert schedule_from_dict({"kind": "warmup", "decay": 0.99}) == Warmup(0.99)
+    old = {k: v for k, v in PowerWarmup(power=0.75).to_dict().items() if k != "offset"}
+    assert schedule_from_dict(old) == PowerWarmup(power=0.75)
+
+
+def test_schedule_missing_an_original_field_is_refused() -> None:
+    """Only fields added later may be absent: a missing decay is still refused."""
+    with pytest.raises(ValueError, match="expects fields"):
+        schedule_from_dict({"kind": "warmup", "offset": 1})

@@ -120,8 +120,8 @@ class EMA(Averager):
             of ``overlap=False``; only the host no longer waits for the copy.
         compiled: update an fp32 shadow of a low-precision model (bf16/fp16)
             with one kernel compiled by ``torch.compile``, which fuses the cast
-            into the update (68-85% of the bandwidth roofline on a 2-core CPU,
-            where the eager path reaches 45-63%). Needs the parameters flattened
+            into the update, where the eager path makes two passes (measured in
+            ``docs/performance.md``). Needs the parameters flattened
             (:func:`~emaweights.flat.flatten_parameters`) and the shadow on
             the model's device; the first update compiles (seconds; a CPU needs
             a C++ compiler). Results may differ from the eager path's in the

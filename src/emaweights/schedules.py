@@ -33,6 +33,13 @@ __all__ = [
 ]
 
 
+def _check_offset(value: object) -> int:
+    """Return ``value`` if it is a non-negative int, or raise naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"offset must be an int >= 0 (optimizer steps), got {value!r}")
+    return value
+
+
 def _check_decay(value: float, what: str = "decay") -> float:
     """Return ``value`` as a float in [0, 1], or raise naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -48,6 +55,9 @@ class Schedule:
     """Base class: maps an optimizer step to a decay in [0, 1]."""
 
     kind: ClassVar[str] = "schedule"
+    #: Fields added after the first release: a saved schedule without them loads
+    #: with their defaults (checkpoints written before they existed).
+    added_fields: ClassVar[tuple[str, ...]] = ()
 
     def __call__(self, step: int) -> float:
         r"""Return :math:`\beta_t` for optimizer step ``step`` (0-based)."""
@@ -136,38 +146,52 @@ class HalfLife(Schedule):
 class Warmup(Schedule):
     r"""The classic warm-up (TensorFlow's ``num_updates``): short memory early on.
 
-    .. math:: \beta_t = \min\!\left(\beta, \frac{1 + t}{10 + t}\right)
+    .. math:: \beta_t = \min\!\left(\beta, \frac{1 + t + o}{10 + t + o}\right)
+
+    With the default ``offset`` :math:`o = 0` the first update (:math:`t = 0`)
+    has :math:`\beta_0 = 0.1`. Libraries that count updates from 1 (torch_ema's
+    ``num_updates``, diffusers' ``EMAModel`` after its copy step) use
+    :math:`o = 1`; see ``docs/migration.md``.
 
     Args:
         decay: the final decay :math:`\beta`.
+        offset: :math:`o`, optimizer steps added to :math:`t` (an int >= 0).
 
     """
 
     decay: float = 0.999
+    offset: int = 0
     kind: ClassVar[str] = "warmup"
+    added_fields: ClassVar[tuple[str, ...]] = ("offset",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decay", _check_decay(self.decay))
+        _check_offset(self.offset)
 
     def __call__(self, step: int) -> float:
-        r"""Return :math:`\min(\beta, (1+t)/(10+t))`."""
-        return min(self.decay, (1.0 + step) / (10.0 + step))
+        r"""Return :math:`\min(\beta, (1+t+o)/(10+t+o))`."""
+        t = step + self.offset
+        return min(self.decay, (1.0 + t) / (10.0 + t))
 
 
 @dataclass(frozen=True)
 class PowerWarmup(Schedule):
     r"""The inverse-power warm-up (used by diffusion training codes).
 
-    .. math:: \beta_t = \operatorname{clip}\!\left(1 - (1 + t/\gamma_{inv})^{-p},
+    .. math:: \beta_t = \operatorname{clip}\!\left(1 - (1 + (t + o)/\gamma_{inv})^{-p},
               \beta_{min}, \beta_{max}\right)
 
     ``power=2/3`` reaches 0.999 near 31.6k steps; ``power=3/4`` near 10k steps.
+    timm's ``ModelEmaV3``, ema-pytorch and diffusers' ``EMAModel`` compute the same
+    formula with their step counted from 1 after a copy step: ``offset=1`` with
+    ``start_step = update_after_step + 1`` reproduces them (``docs/migration.md``).
 
     Args:
         inv_gamma: :math:`\gamma_{inv}` (> 0), the step scale.
         power: :math:`p` (> 0).
         min_decay: lower clip :math:`\beta_{min}`.
         max_decay: upper clip :math:`\beta_{max}`.
+        offset: :math:`o`, optimizer steps added to :math:`t` (an int >= 0).
 
     """
 
@@ -175,7 +199,9 @@ class PowerWarmup(Schedule):
     power: float = 2.0 / 3.0
     min_decay: float = 0.0
     max_decay: float = 0.9999
+    offset: int = 0
     kind: ClassVar[str] = "power_warmup"
+    added_fields: ClassVar[tuple[str, ...]] = ("offset",)
 
     def __post_init__(self) -> None:
         if not (self.inv_gamma > 0 and math.isfinite(self.inv_gamma)):
@@ -186,10 +212,12 @@ class PowerWarmup(Schedule):
         hi = _check_decay(self.max_decay, "max_decay")
         if lo > hi:
             raise ValueError(f"min_decay ({lo!r}) must not exceed max_decay ({hi!r})")
+        _check_offset(self.offset)
 
     def __call__(self, step: int) -> float:
         """Return the clipped inverse-power decay."""
-        value = 1.0 - float((1.0 + step / self.inv_gamma) ** -self.power)
+        t = step + self.offset
+        value = 1.0 - float((1.0 + t / self.inv_gamma) ** -self.power)
         return min(self.max_decay, max(self.min_decay, value))
 
 
@@ -246,7 +274,9 @@ def schedule_from_dict(data: dict[str, Any]) -> Schedule:
         raise ValueError(f"unknown schedule kind {kind!r}; known: {sorted(_KINDS)}")
     names = {f.name for f in fields(cls)}
     args = {k: v for k, v in data.items() if k != "kind"}
-    if set(args) != names:
+    # A field added after the first release may be absent (an older checkpoint): default.
+    missing_ok = set(cls.added_fields)
+    if not (set(args) <= names and names - set(args) <= missing_ok):
         raise ValueError(f"schedule {kind!r} expects fields {sorted(names)}, got {sorted(args)}")
     return cls(**args)
 

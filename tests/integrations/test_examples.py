@@ -13,13 +13,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
-    """Run an example in this process (the frameworks are imported once for all tests)."""
+def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Any:
+    """Run an example in this process (the frameworks are imported once for all tests).
+
+    It runs in an empty working directory, which must stay empty: every file an
+    example writes goes under its ``--out``.
+    """
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
 
     def _run(script: str, *args: str) -> str:
         path = ROOT / "examples" / script
         monkeypatch.setattr(sys, "argv", [str(path), *args])
         runpy.run_path(str(path), run_name="__main__")
+        assert not list(cwd.iterdir()), f"{script} wrote outside --out: {list(cwd.iterdir())}"
         return capsys.readouterr().out
 
     return _run

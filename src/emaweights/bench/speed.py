@@ -18,7 +18,9 @@ the CPU-offload variants (``device="cpu"``, with and without ``overlap``), a
 each EMA, and the targets with pass/fail columns (see :data:`TARGETS`).
 
 Anchors (other libraries) are optional: those not importable are listed as
-skipped with the extra that installs them (``pip install emaweights[bench-anchors]``).
+skipped with the command that installs them (``pip install 'emaweights[bench-anchors]'``
+and, for timm's ``ModelEmaV3``, ``pip install --no-deps timm``; see
+:mod:`emaweights.bench.anchors`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from emaweights.bench.anchors import import_anchor, timm_model_ema
 from emaweights.ema import EMA
 from emaweights.flat import flatten_parameters
 
@@ -193,22 +196,21 @@ def _anchor_factories() -> tuple[dict[str, Callable[[nn.Module], Update]], dict[
     """Installed anchors as ``name -> make(model) -> update()``, and skipped ones with reasons."""
     made: dict[str, Callable[[nn.Module], Update]] = {}
     skipped: dict[str, str] = {}
-    hint = "pip install 'emaweights[bench-anchors]'"
     try:
-        from timm.utils.model_ema import ModelEmaV3
+        model_ema = timm_model_ema()
 
         def timm_v3(m: nn.Module) -> Update:
-            e = ModelEmaV3(m, decay=DECAY)
+            e = model_ema.ModelEmaV3(m, decay=DECAY)
             return lambda: e.update(m)
 
         made["timm ModelEmaV3"] = timm_v3
-    except ImportError:
-        skipped["timm ModelEmaV3"] = f"timm not importable ({hint})"
+    except ImportError as err:
+        skipped["timm ModelEmaV3"] = str(err)
     try:
-        from ema_pytorch import EMA as EmaPytorch
+        ema_pytorch_module = import_anchor("ema_pytorch")
 
         def ema_pytorch(m: nn.Module) -> Update:
-            e = EmaPytorch(
+            e = ema_pytorch_module.EMA(
                 m,
                 beta=DECAY,
                 update_after_step=0,
@@ -219,18 +221,18 @@ def _anchor_factories() -> tuple[dict[str, Callable[[nn.Module], Update]], dict[
             return e.update  # type: ignore[no-any-return]
 
         made["ema-pytorch (foreach)"] = ema_pytorch
-    except ImportError:
-        skipped["ema-pytorch"] = f"ema_pytorch not importable ({hint})"
+    except ImportError as err:
+        skipped["ema-pytorch"] = str(err)
     try:
-        from torch_ema import ExponentialMovingAverage
+        torch_ema_module = import_anchor("torch_ema")
 
         def torch_ema(m: nn.Module) -> Update:
-            e = ExponentialMovingAverage(m.parameters(), decay=DECAY)
+            e = torch_ema_module.ExponentialMovingAverage(m.parameters(), decay=DECAY)
             return lambda: e.update(m.parameters())
 
         made["torch_ema"] = torch_ema
-    except ImportError:
-        skipped["torch_ema"] = f"torch_ema not importable ({hint})"
+    except ImportError as err:
+        skipped["torch_ema"] = str(err)
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     def averaged_model(m: nn.Module) -> Update:
@@ -240,15 +242,15 @@ def _anchor_factories() -> tuple[dict[str, Callable[[nn.Module], Update]], dict[
 
     made["AveragedModel (multi_avg_fn)"] = averaged_model
     try:
-        from diffusers.training_utils import EMAModel
+        training_utils = import_anchor("diffusers.training_utils")
 
         def diffusers_ema(m: nn.Module) -> Update:
-            e = EMAModel(m.parameters(), decay=DECAY, foreach=True)
+            e = training_utils.EMAModel(m.parameters(), decay=DECAY, foreach=True)
             return lambda: e.step(m.parameters())
 
         made["diffusers EMAModel (foreach)"] = diffusers_ema
-    except ImportError:
-        skipped["diffusers EMAModel"] = f"diffusers not importable ({hint})"
+    except ImportError as err:
+        skipped["diffusers EMAModel"] = str(err)
     return made, skipped
 
 
