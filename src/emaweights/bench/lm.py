@@ -349,8 +349,8 @@ def pretrained(
         opt.zero_grad()
         torch.autograd.backward(_loss(model, _batch(data, cfg, g)))
         opt.step()
-        if on_step is not None and step % 50 == 0:
-            on_step(50)
+        if on_step is not None and (step % 50 == 0 or step == cfg.pretrain_steps):
+            on_step(step - 50 * ((step - 1) // 50))  # steps since the last report
     state = state_of(model)
     from emaweights.io import atomic_write
 
