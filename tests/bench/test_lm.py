@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from emaweights.bench import lm
-from emaweights.bench.lm_report import closing_summary, markdown, summarize
+from emaweights.bench.lm_report import closing_summary, load_runs, markdown, summarize
 
 TINY = lm.LMConfig(
     context=16,
@@ -34,8 +34,9 @@ def corpus() -> lm.Corpus:
 
 def test_corpus_is_deterministic_and_split(corpus: lm.Corpus) -> None:
     """Two builds give the same bytes and digest; every split of both tasks is non-empty."""
+    lm._build_corpus.cache_clear()  # build it again from the files, not from the cache
     again = lm.build_corpus(TINY.max_bytes)
-    assert again == corpus
+    assert again == corpus and again is not corpus
     for part in (corpus.prose, corpus.code):
         assert all(len(part[s]) > TINY.context + 1 for s in lm.SPLITS)
     assert corpus.python and len(corpus.digest) == 64
@@ -84,3 +85,58 @@ def test_unknown_schedule_named() -> None:
     """An unknown learning-rate schedule is refused, naming it."""
     with pytest.raises(ValueError, match="'linear'"):
         lm.lr_at("linear", 1.0, 1, 10)
+
+
+def _tiny_demo(monkeypatch: pytest.MonkeyPatch, out: Path, cache: Path, *extra: str) -> int:
+    from emaweights.bench import lm_demo
+    from emaweights.bench.demo import main
+
+    monkeypatch.setattr(lm_demo, "setup", lambda quick: (TINY, (10,)))
+    argv = ["--workers", "1", "--pretrain-seeds", "2", "--no-progress", *extra]
+    return main([*argv, "--out", str(out), "--cache", str(cache)])
+
+
+def test_tiny_demo_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`emaweights demo` on a tiny config: tables, closing summary, JSON per seed, CSV; cache."""
+    import json
+
+    from emaweights.bench import lm_demo
+
+    monkeypatch.setattr(lm_demo, "SCHEDULES", ("cosine",))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert _tiny_demo(monkeypatch, out, cache, "--seeds", "1", "--no-plot") == 0
+    text = capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    rows = summarize(load_runs(out / "results.json"))
+    assert closing_summary(rows) in text  # the printed conclusion is the saved numbers'
+    assert [(r["pretrain_seed"], r["seed"]) for r in data["runs"]] == [(0, 0), (1, 0)]
+    cfg = data["config"]
+    assert cfg["corpus_sha256"] == lm.build_corpus(TINY.max_bytes).digest
+    assert cfg["pretraining_cached"] == [False, False] and cfg["cpu_seconds"] > 0
+    header = (out / "summary.csv").read_text().splitlines()[0]
+    assert header.startswith("condition,name,family") and "interp_b_t" in header
+    # a second run takes the pre-trained models from the cache and gives the same numbers
+    assert _tiny_demo(monkeypatch, tmp_path / "again", cache, "--seeds", "1", "--no-plot") == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["config"]["pretraining_cached"] == [True, True]
+    assert again["runs"] == data["runs"]
+
+
+@pytest.mark.slow
+def test_tiny_demo_all_conditions_and_plots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both schedules x 2 x 2 seeds: every (pre-training, fine-tuning) pair and a plot each."""
+    import json
+
+    out = tmp_path / "out"
+    assert _tiny_demo(monkeypatch, out, tmp_path / "cache", "--seeds", "2") == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    pairs = {(r["condition"], r["pretrain_seed"], r["seed"]) for r in runs}
+    assert pairs == {
+        (c, p, f) for c in ("constant T=10", "cosine T=10") for p in (0, 1) for f in (0, 1)
+    }
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["tradeoff-lm-constant-T10.png", "tradeoff-lm-cosine-T10.png"]

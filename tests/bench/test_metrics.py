@@ -63,17 +63,25 @@ def test_forgetting_and_mean_std() -> None:
 
 
 def test_markdown_tables_format_rows() -> None:
-    """markdown_tables gives one table per task, a line per row, accuracies in %."""
+    """markdown_tables gives one table per task, a line per row, accuracies in %, paired Δ."""
+    from emaweights.bench.measure import Distance, paired
     from emaweights.bench.report import COLUMNS, Row, markdown_tables
 
     keys = [k for _, k in COLUMNS]
     stats = {k: (0.5, 0.25) for k in keys}
     counts = {k: (3, 3) for k in keys}
-    counts["delta_a_interp"] = (2, 3)
-    rows = [Row("t1", "m1", "ema", stats, counts), Row("t2", "m2", "ema", stats, counts)]
+    counts["a"] = (2, 3)
+    d = paired([Distance(0.01), Distance(0.02), Distance(0.03)])  # mean 2, SE 0.577 points
+    dist = {"interp_a": d, "interp_b": d, "path_a": d}
+    rows = [Row("t1", "m1", "ema", stats, counts, dist), Row("t2", "m2", "ema", stats, counts)]
     text = markdown_tables(rows)
     assert text.count("| method |") == 2
     line = next(x for x in text.splitlines() if x.startswith("| m1 |"))
-    assert line == "| m1 | 0.500 ± 0.250 |" + " 50.0 ± 25.0 |" * 4 + " 50.0 ± 25.0 (2/3) |" + (
-        " 50.0 ± 25.0 |"
+    assert line == (
+        "| m1 | 0.500 ± 0.250 | 50.0 ± 25.0 (2/3) |"
+        + " 50.0 ± 25.0 |" * 3
+        + " +2.0 ± 0.6 (t +3.5, 3/3) |" * 3
+        + " above |"
     )
+    other = next(x for x in text.splitlines() if x.startswith("| m2 |"))
+    assert other.endswith("| — | — | — | within noise |")
