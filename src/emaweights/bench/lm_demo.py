@@ -22,7 +22,14 @@ from emaweights.bench.lm import (
     pretrained,
     run_condition,
 )
-from emaweights.bench.lm_report import closing_summary, plot, print_tables, save, summarize
+from emaweights.bench.lm_report import (
+    closing_summary,
+    plot,
+    print_tables,
+    run_line,
+    save,
+    summarize,
+)
 
 __all__ = ["run_lm", "setup"]
 
@@ -199,11 +206,5 @@ def run_lm(args: argparse.Namespace, cores: int) -> int:
     for note in config["notes"]:
         print(note)
     print(closing_summary(rows))
-    print(
-        f"{len(jobs)} fine-tuning runs ({len(SCHEDULES)} schedules x lengths {lengths} x "
-        f"{pseeds} pre-training x {seeds} fine-tuning seeds; pre-training "
-        f"{'from cache' if all(cached) else 'computed'}) in {elapsed:.1f} s wall, {cpu:.1f} s CPU "
-        f"with {workers} worker(s); corpus {corpus.digest[:12]} (Python {corpus.python}); wrote "
-        + ", ".join(str(p) for p in written)
-    )
+    print(run_line(config) + "; wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -17,7 +17,16 @@ from emaweights.bench.lm import LMRun
 from emaweights.bench.measure import Paired, combined_verdict, delta_a, delta_b, paired
 from emaweights.bench.report import fmt_paired, save  # shared with the digits benchmark
 
-__all__ = ["LMRow", "closing_summary", "markdown", "plot", "print_tables", "save", "summarize"]
+__all__ = [
+    "LMRow",
+    "closing_summary",
+    "markdown",
+    "plot",
+    "print_tables",
+    "run_line",
+    "save",
+    "summarize",
+]
 
 MBPB = 1000.0
 
@@ -145,6 +154,22 @@ def closing_summary(rows: Sequence[LMRow]) -> str:
             f"within noise: {sum(r.verdict in ('within noise', 'mixed') for r in rs)} of {len(rs)}"
         )
     return "\n".join(lines)
+
+
+def run_line(config: dict[str, Any]) -> str:
+    """What was run and how long it took, from a results.json ``config`` (printed and quoted)."""
+    n = len(config["schedules"]) * len(config["lengths"])
+    n *= config["pretrain_seeds"] * config["seeds"]
+    cached = "from the cache" if all(config["pretraining_cached"]) else "computed in the run"
+    return (
+        f"{n} fine-tuning runs ({' and '.join(config['schedules'])} schedules x T = "
+        f"{', '.join(map(str, config['lengths']))} steps x {config['pretrain_seeds']} "
+        f"pre-training x {config['seeds']} fine-tuning seeds; pre-training {cached}) in "
+        f"{config['seconds']:.1f} s wall, {config['cpu_seconds']:.1f} s CPU (user + system, "
+        f"workers included) with {config['workers']} worker(s); corpus sha256 "
+        f"{config['corpus_sha256'][:12]} ({config['corpus_files']} files, Python "
+        f"{config['python']}, torch {config['torch']})"
+    )
 
 
 def plot(runs: Sequence[LMRun], rows: Sequence[LMRow], out: Path) -> list[Path]:
