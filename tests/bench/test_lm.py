@@ -92,7 +92,11 @@ def _tiny_demo(monkeypatch: pytest.MonkeyPatch, out: Path, cache: Path, *extra: 
     from emaweights.bench.demo import main
 
     monkeypatch.setattr(lm_demo, "setup", lambda quick: (TINY, (10,)))
-    argv = ["--workers", "1", "--pretrain-seeds", "2", "--no-progress", *extra]
+    argv = ["--workers", "1", "--pretrain-seeds", "2", *extra]
+    if "--progress" in argv:
+        argv.remove("--progress")
+    else:
+        argv.append("--no-progress")
     return main([*argv, "--out", str(out), "--cache", str(cache)])
 
 
@@ -140,3 +144,18 @@ def test_tiny_demo_all_conditions_and_plots(
     }
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["tradeoff-lm-constant-T10.png", "tradeoff-lm-cosine-T10.png"]
+
+
+def test_progress_bars_count_pretraining_steps_and_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The pre-training bar counts steps of both models to the end; the second bar counts runs."""
+    from emaweights.bench import lm_demo
+
+    monkeypatch.setattr(lm_demo, "SCHEDULES", ("cosine",))
+    args = ("--seeds", "1", "--no-plot", "--progress")
+    assert _tiny_demo(monkeypatch, tmp_path / "o", tmp_path / "c", *args) == 0
+    err = capsys.readouterr().err
+    total = 2 * TINY.pretrain_steps
+    assert "pre-training (prose)" in err and f"{total}/{total}" in err
+    assert "fine-tuning runs (code)" in err and "2/2" in err

@@ -48,8 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds", type=int, default=None, help="fine-tuning seeds (default: lm 3, digits 5)"
     )
-    p.add_argument("--shifts", nargs="+", choices=SHIFTS, default=list(SHIFTS))
-    p.add_argument("--quick", action="store_true", help="2 seeds, 2 shifts, shorter training")
+    p.add_argument(
+        "--shifts", nargs="+", choices=SHIFTS, default=list(SHIFTS), help="digits: the shifts"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short check (lm: 1 pre-training x 2 fine-tuning seeds, shorter training; "
+        "digits: 2 seeds, 2 shifts, shorter training)",
+    )
     p.add_argument(
         "--workers",
         type=int,

@@ -43,7 +43,7 @@ def setup(quick: bool) -> tuple[LMConfig, tuple[int, ...]]:
     return LMConfig(), (60, 150)
 
 
-_DATA: dict[str, Data] = {}
+_DATA: dict[LMConfig, Data] = {}  # per process and configuration
 _STEPS: list[Any] = []  # the queue pre-training steps are reported on, once per worker
 
 
@@ -56,9 +56,9 @@ def _init(steps: Any) -> None:
 def _job(
     cfg: LMConfig, theta0: dict[str, torch.Tensor], schedule: str, steps: int, seed: int, pseed: int
 ) -> LMRun:
-    if "d" not in _DATA:  # once per process
-        _DATA["d"] = Data.of(build_corpus(cfg.max_bytes), cfg)
-    return run_condition(_DATA["d"], theta0, cfg, schedule, steps, seed, pseed)
+    if cfg not in _DATA:  # once per process and configuration
+        _DATA[cfg] = Data.of(build_corpus(cfg.max_bytes), cfg)
+    return run_condition(_DATA[cfg], theta0, cfg, schedule, steps, seed, pseed)
 
 
 def _pre(cfg: LMConfig, seed: int, cache: Any) -> tuple[dict[str, torch.Tensor], bool]:
@@ -71,7 +71,10 @@ def _pre(cfg: LMConfig, seed: int, cache: Any) -> tuple[dict[str, torch.Tensor],
 
 def _cpu_seconds() -> float:
     """User + system CPU time of this process and of its finished children."""
-    import resource
+    try:
+        import resource
+    except ImportError:  # not on Unix: this process only
+        return time.process_time()
 
     own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
