@@ -70,3 +70,45 @@ def test_digits_docs_quote_the_committed_run() -> None:
     doc = (ROOT / "docs" / "benchmark.md").read_text()
     assert report.markdown_tables(rows) in doc
     assert report.closing_summary(rows) in doc
+
+
+@pytest.mark.skipif(not DIGITS.exists(), reason="no committed digits results")
+def test_digits_what_it_shows_holds() -> None:
+    """The digits 'What it shows' bullets say what the verdicts of the committed run say."""
+    rows = report.summarize(report.load_results(DIGITS))
+    above = {
+        t: {r.name for r in rows if r.task == t and r.verdict == "above"}
+        for t in report_tasks(rows)
+    }
+    assert above["permuted"] == {"l2sp α=0.1"}
+    assert above["rotated"] == above["class_split"] == set()
+    assert above["inverted"] == {
+        "ema (β on val)",
+        "ema β=0.9",
+        "ema β=0.99",
+        "ema-debiased β=0.9",
+        "ema-debiased β=0.99",
+        "ema-debiased β=0.995",
+        "warmup-ema β=0.9995",
+        "l2sp α=0.1",
+    }
+    chosen = {r.task: r.verdict for r in rows if r.name == "ema (β on val)"}
+    assert chosen == {
+        "permuted": "within noise",
+        "rotated": "within noise",
+        "inverted": "above",
+        "class_split": "within noise",
+    }
+    bema = {r.task: r.verdict for r in rows if r.name == "bema (default: extrapolates)"}
+    assert bema["permuted"] == bema["rotated"] == bema["inverted"] == "below"
+    avg = {(r.task, r.name): r.stats["average"][0] * 100 for r in rows}
+    pairs = ", ".join(
+        f"`{t}` {avg[(t, 'ema (β on val)')]:.1f} vs {avg[(t, 'interpolation (α on val)')]:.1f}"
+        for t in report_tasks(rows)
+    )
+    assert pairs in (ROOT / "docs" / "benchmark.md").read_text()
+
+
+def report_tasks(rows: list[report.Row]) -> list[str]:
+    """The tasks of the rows, in order."""
+    return list(dict.fromkeys(r.task for r in rows))
