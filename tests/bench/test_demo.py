@@ -22,7 +22,8 @@ def test_quick_run_writes_table_plot_json_csv(
     assert main(["--task", "digits", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ΔA@B interp" in out and "ΔB@A interp" in out and "ema β=0.999" in out
-    assert "Against the interpolation curve" in out
+    assert "Against the interpolation curve" in out and "ema (w0 grid, β on val)" in out
+    assert "ema-grid β=" not in out  # grid candidates are chosen on val, not rows
     data = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "summary.csv").read_text().startswith("task,name,family")
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"

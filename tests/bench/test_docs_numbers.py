@@ -101,10 +101,17 @@ def test_digits_what_it_shows_holds() -> None:
     }
     bema = {r.task: r.verdict for r in rows if r.name == "bema (default: extrapolates)"}
     assert bema["permuted"] == bema["rotated"] == bema["inverted"] == "below"
+    grid = {r.task: r.verdict for r in rows if r.name == "ema (w0 grid, β on val)"}
+    assert grid == {
+        "permuted": "within noise",
+        "rotated": "below",
+        "inverted": "within noise",
+        "class_split": "below",
+    }
     avg = {(r.task, r.name): r.stats["average"][0] * 100 for r in rows}
+    names = ("ema (β on val)", "ema (w0 grid, β on val)", "interpolation (α on val)")
     pairs = ", ".join(
-        f"`{t}` {avg[(t, 'ema (β on val)')]:.1f} vs {avg[(t, 'interpolation (α on val)')]:.1f}"
-        for t in report_tasks(rows)
+        f"`{t}` " + " / ".join(f"{avg[(t, n)]:.1f}" for n in names) for t in report_tasks(rows)
     )
     assert pairs in (ROOT / "docs" / "benchmark.md").read_text()
 

@@ -85,3 +85,22 @@ def test_markdown_tables_format_rows() -> None:
     )
     other = next(x for x in text.splitlines() if x.startswith("| m2 |"))
     assert other.endswith("| — | — | — | within noise |")
+
+
+def test_matched_grid_w0_equals_one_minus_alpha() -> None:
+    """After T steps the matched-grid EMAs keep w0 = 1 - α for every interior α of the grid."""
+    import torch
+
+    from emaweights.bench.methods import ALPHAS, EMAMethod, matched_decays
+
+    model = torch.nn.Linear(2, 2)
+    decays = matched_decays(30)
+    assert len(decays) == len([a for a in ALPHAS if 0 < a < 1])
+    for a, d in zip([a for a in ALPHAS if 0 < a < 1], decays, strict=True):
+        m = EMAMethod(d, grid=True)
+        m.start(model)
+        for step in range(1, 31):
+            m.after_step(model, step)
+        assert m.w0() == pytest.approx(1 - a, rel=1e-4) and m.family == "ema-grid"
+    with pytest.raises(ValueError, match="got 0"):
+        matched_decays(0)

@@ -71,6 +71,10 @@ class Row:
         return out
 
 
+def _hidden(r: RunResult) -> set[str]:
+    return {n for n, f in r.families.items() if f == "ema-grid"}
+
+
 def _metrics(r: RunResult, e: Evaluation, w0: float | None) -> dict[str, float]:
     return {
         "a": e.a_test,
@@ -95,10 +99,11 @@ def _choices(r: RunResult) -> dict[str, tuple[str, Evaluation, float | None]]:
         "early stop (epoch on val)": ("selected", stop, None),
         "interpolation (α on val)": ("selected", interp, 1.0 - alpha),
     }
-    emas = [n for n, f in r.families.items() if f == "ema"]
-    if emas:
-        best = max(emas, key=lambda n: _val_score(r.methods[n]))
-        out["ema (β on val)"] = ("selected", r.methods[best], r.w0[best])
+    for family, label in (("ema", "ema (β on val)"), ("ema-grid", "ema (w0 grid, β on val)")):
+        emas = [n for n, f in r.families.items() if f == family]
+        if emas:
+            best = max(emas, key=lambda n: _val_score(r.methods[n]))
+            out[label] = ("selected", r.methods[best], r.w0[best])
     return out
 
 
@@ -107,7 +112,9 @@ def summarize(results: Sequence[RunResult]) -> list[Row]:
     per: dict[tuple[str, str], tuple[str, list[tuple[RunResult, Evaluation, float | None]]]] = {}
     for r in results:
         entries = dict(_choices(r))
-        entries.update({n: (r.families[n], e, r.w0[n]) for n, e in r.methods.items()})
+        entries.update(
+            {n: (r.families[n], e, r.w0[n]) for n, e in r.methods.items() if n not in _hidden(r)}
+        )
         for name, (family, e, w0) in entries.items():
             per.setdefault((r.task, name), (family, []))[1].append((r, e, w0))
     rows = []
