@@ -159,3 +159,22 @@ def test_progress_bars_count_pretraining_steps_and_runs(
     total = 2 * TINY.pretrain_steps
     assert "pre-training (prose)" in err and f"{total}/{total}" in err
     assert "fine-tuning runs (code)" in err and "2/2" in err
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_in_process_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--workers 2` (spawned processes) writes the per-seed numbers of `--workers 1`."""
+    import json
+
+    from emaweights.bench import lm_demo
+
+    monkeypatch.setattr(lm_demo, "SCHEDULES", ("cosine",))
+    out = {}
+    for w in ("1", "2"):
+        args = ("--seeds", "1", "--no-plot", "--workers", w)
+        assert _tiny_demo(monkeypatch, tmp_path / w, tmp_path / f"c{w}", *args) == 0
+        out[w] = json.loads((tmp_path / w / "results.json").read_text())
+    assert out["2"]["config"]["workers"] == 2
+    assert out["1"]["runs"] == out["2"]["runs"]
