@@ -21,7 +21,9 @@ def test_quick_run_writes_table_plot_json_csv(
     """`emaweights demo --task digits --quick` prints the table and writes JSON, CSV and PNG."""
     assert main(["--task", "digits", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "ΔA vs interp" in out and "ema β=0.999" in out
+    assert "ΔA@B interp" in out and "ΔB@A interp" in out and "ema β=0.999" in out
+    assert "Against the interpolation curve" in out and "ema (w0 grid, β on val)" in out
+    assert "ema-grid β=" not in out  # grid candidates are chosen on val, not rows
     data = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "summary.csv").read_text().startswith("task,name,family")
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
@@ -46,6 +48,22 @@ def test_quick_run_writes_table_plot_json_csv(
     assert data["config"]["steps"] == {r["task"]: r["steps"] for r in data["runs"]}
     csv_lines = (tmp_path / "summary.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + len(data["summary"])
+    # Oracle: each seed pre-trains on its own split, so the pre-trained scores differ by seed.
+    pre = {r["seed"]: r["pretrained"]["a_test"] for r in data["runs"] if r["task"] == "permuted"}
+    assert len(pre) == 2 and pre[0] != pre[1]
+    # Oracle: the paired verdict in the summary agrees with the per-row t and sign count.
+    for row in data["summary"]:
+        t, k, n = row["interp_a_t"], row["interp_a_k"], row["interp_a_n"]
+        if row["interp_a_verdict"] == "above":
+            assert t >= 2 and 2 * k > n
+
+
+def test_one_seed_prints_no_spread(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--seeds 1` prints `(n=1)` and no `± 0.0` (one seed has no spread)."""
+    args = ["--task", "digits", "--quick", "--seeds", "1", "--shifts", "inverted"]
+    assert main([*args, "--no-progress", "--no-plot", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(n=1)" in out and "± 0.0" not in out
 
 
 def test_reproducible() -> None:

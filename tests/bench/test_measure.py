@@ -82,3 +82,29 @@ def test_bad_input_refused() -> None:
         a_star([(0.0, math.nan)], 0.0)
     with pytest.raises(ValueError, match="NaN"):
         paired([Distance(math.nan)])
+
+
+def test_combined_verdict() -> None:
+    """Either distance decides; opposite directions are 'mixed'; neither is within noise."""
+    from emaweights.bench.measure import Distance, combined_verdict
+
+    up = paired([Distance(v) for v in (0.1, 0.2, 0.3)])
+    down = paired([Distance(-v) for v in (0.1, 0.2, 0.3)])
+    flat = paired([Distance(v) for v in (0.3, -0.1, 0.2)])
+    assert combined_verdict(up, flat) == combined_verdict(flat, up) == "above"
+    assert combined_verdict(down, flat) == "below"
+    assert combined_verdict(up, down) == "mixed"
+    assert combined_verdict(flat, flat) == "within noise"
+
+
+def test_one_seed_shows_no_spread() -> None:
+    """With one seed the formatted distance says n=1 and never '± 0.0'; labels are kept."""
+    from emaweights.bench.measure import Distance
+    from emaweights.bench.report import fmt_paired
+
+    one = paired([Distance(0.012)])
+    assert fmt_paired(one) == "+1.2 (n=1)"
+    assert "±" not in fmt_paired(one, 1000.0)
+    assert fmt_paired(paired([Distance(math.inf, "dominates")])) == "dominates (1/1)"
+    low = paired([Distance(-0.4, "dominated")])
+    assert fmt_paired(low) == "-40.0 (n=1) dominated"

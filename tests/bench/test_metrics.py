@@ -63,17 +63,44 @@ def test_forgetting_and_mean_std() -> None:
 
 
 def test_markdown_tables_format_rows() -> None:
-    """markdown_tables gives one table per task, a line per row, accuracies in %."""
+    """markdown_tables gives one table per task, a line per row, accuracies in %, paired Δ."""
+    from emaweights.bench.measure import Distance, paired
     from emaweights.bench.report import COLUMNS, Row, markdown_tables
 
     keys = [k for _, k in COLUMNS]
     stats = {k: (0.5, 0.25) for k in keys}
     counts = {k: (3, 3) for k in keys}
-    counts["delta_a_interp"] = (2, 3)
-    rows = [Row("t1", "m1", "ema", stats, counts), Row("t2", "m2", "ema", stats, counts)]
+    counts["a"] = (2, 3)
+    d = paired([Distance(0.01), Distance(0.02), Distance(0.03)])  # mean 2, SE 0.577 points
+    dist = {"interp_a": d, "interp_b": d, "path_a": d}
+    rows = [Row("t1", "m1", "ema", stats, counts, dist), Row("t2", "m2", "ema", stats, counts)]
     text = markdown_tables(rows)
     assert text.count("| method |") == 2
     line = next(x for x in text.splitlines() if x.startswith("| m1 |"))
-    assert line == "| m1 | 0.500 ± 0.250 |" + " 50.0 ± 25.0 |" * 4 + " 50.0 ± 25.0 (2/3) |" + (
-        " 50.0 ± 25.0 |"
+    assert line == (
+        "| m1 | 0.500 ± 0.250 | 50.0 ± 25.0 (2/3) |"
+        + " 50.0 ± 25.0 |" * 3
+        + " +2.0 ± 0.6 (t +3.5, 3/3) |" * 3
+        + " above |"
     )
+    other = next(x for x in text.splitlines() if x.startswith("| m2 |"))
+    assert other.endswith("| — | — | — | within noise |")
+
+
+def test_matched_grid_w0_equals_one_minus_alpha() -> None:
+    """After T steps the matched-grid EMAs keep w0 = 1 - α for every interior α of the grid."""
+    import torch
+
+    from emaweights.bench.methods import ALPHAS, EMAMethod, matched_decays
+
+    model = torch.nn.Linear(2, 2)
+    decays = matched_decays(30)
+    assert len(decays) == len([a for a in ALPHAS if 0 < a < 1])
+    for a, d in zip([a for a in ALPHAS if 0 < a < 1], decays, strict=True):
+        m = EMAMethod(d, grid=True)
+        m.start(model)
+        for step in range(1, 31):
+            m.after_step(model, step)
+        assert m.w0() == pytest.approx(1 - a, rel=1e-4) and m.family == "ema-grid"
+    with pytest.raises(ValueError, match="got 0"):
+        matched_decays(0)

@@ -94,3 +94,25 @@ def test_failed_run_in_a_worker_is_raised() -> None:
     bad = type(bad)(bad.name, bad.a, bad.b, bad.num_features + 1, bad.num_classes)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         run([bad], Config(seeds=(0, 1), pretrain_epochs=1, finetune_epochs=1), workers=2)
+
+
+def test_tasks_per_seed_get_their_own_split_and_pretraining() -> None:
+    """With a function of the seed, each seed runs on its own split: as run_one on that split."""
+    from emaweights.bench.tasks import digits_tasks
+
+    cfg = Config(seeds=(0, 1), pretrain_epochs=1, finetune_epochs=1)
+    results = run(lambda s: digits_tasks(("inverted",), s), cfg, make_methods=lambda *_: [])
+    assert [(r.task, r.seed) for r in results] == [("inverted", 0), ("inverted", 1)]
+    for r in results:
+        alone = run_one(digits_task("inverted", r.seed), cfg, r.seed, make_methods=lambda *_: [])
+        assert r.to_dict() == alone.to_dict()
+    assert results[0].pretrained != results[1].pretrained
+
+
+def test_tasks_per_seed_must_keep_names() -> None:
+    """A task function that names different tasks for different seeds is refused, naming them."""
+    from emaweights.bench.tasks import SHIFTS
+
+    cfg = Config(seeds=(0, 1), pretrain_epochs=1, finetune_epochs=1)
+    with pytest.raises(ValueError, match="same task names"):
+        run(lambda s: [digits_task(SHIFTS[s])], cfg, make_methods=lambda *_: [])

@@ -43,3 +43,10 @@ def test_unknown_shift_named() -> None:
     """An unknown shift raises, naming it."""
     with pytest.raises(ValueError, match="'blur'"):
         digits_task("blur")
+
+
+def test_split_varies_with_the_seed() -> None:
+    """Different split seeds give different test sets of the same size (the demo's seeds)."""
+    one, two = digits_task("permuted", 0), digits_task("permuted", 1)
+    assert one.a.x_test.shape == two.a.x_test.shape
+    assert not torch.equal(one.a.x_test, two.a.x_test)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -93,11 +94,17 @@ def build_corpus(max_bytes: int = 300_000, stdlib: Path | None = None) -> Corpus
     if max_bytes < 1000:
         raise ValueError(f"max_bytes must be >= 1000, got {max_bytes}")
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*.py")
-        if not _SKIP.intersection(p.relative_to(root).parts)
-    )
+    return _build_corpus(max_bytes, root.resolve())
+
+
+@functools.lru_cache(maxsize=4)
+def _build_corpus(max_bytes: int, root: Path) -> Corpus:
+    """:func:`build_corpus` (cached: one process builds the same corpus once)."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP)  # never walk site-packages etc.
+        rel = Path(folder).relative_to(root)
+        files += [(rel / n).as_posix() for n in names if n.endswith(".py")]
     if not files:
         raise RuntimeError(f"no standard-library sources under {root}")
     files.sort(key=lambda n: hashlib.sha256(n.encode()).hexdigest())
@@ -349,8 +356,8 @@ def pretrained(
         opt.zero_grad()
         torch.autograd.backward(_loss(model, _batch(data, cfg, g)))
         opt.step()
-        if on_step is not None and step % 50 == 0:
-            on_step(50)
+        if on_step is not None and (step % 50 == 0 or step == cfg.pretrain_steps):
+            on_step(step - 50 * ((step - 1) // 50))  # steps since the last report
     state = state_of(model)
     from emaweights.io import atomic_write
 

@@ -14,10 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from emaweights.bench.lm import LMRun
-from emaweights.bench.measure import Paired, delta_a, delta_b, paired
-from emaweights.bench.report import save  # one writer for both benchmarks' results
+from emaweights.bench.measure import Paired, combined_verdict, delta_a, delta_b, paired
+from emaweights.bench.report import fmt_paired, save  # shared with the digits benchmark
 
-__all__ = ["LMRow", "closing_summary", "markdown", "plot", "print_tables", "save", "summarize"]
+__all__ = [
+    "LMRow",
+    "closing_summary",
+    "markdown",
+    "plot",
+    "print_tables",
+    "run_line",
+    "save",
+    "summarize",
+]
 
 MBPB = 1000.0
 
@@ -38,11 +47,8 @@ class LMRow:
 
     @property
     def verdict(self) -> str:
-        """Against the interpolation curve: above / below if either distance says so."""
-        v = {self.interp_a.verdict, self.interp_b.verdict}
-        if v == {"above", "below"}:
-            return "mixed"
-        return "above" if "above" in v else "below" if "below" in v else "within noise"
+        """Against the interpolation curve (:func:`~emaweights.bench.measure.combined_verdict`)."""
+        return combined_verdict(self.interp_a, self.interp_b)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat data for JSON and CSV (distances in bits per byte)."""
@@ -88,15 +94,8 @@ def summarize(runs: Sequence[LMRun]) -> list[LMRow]:
 
 
 def fmt(p: Paired) -> str:
-    """``mean ± SE (t, k/n)`` in mbpb, or the range label."""
-    if math.isinf(p.mean):
-        return f"dominates ({p.k}/{p.n})"
-    if math.isnan(p.mean):
-        return f"mixed range ({p.k}/{p.n} > 0)"
-    se = "—" if math.isnan(p.se) else f"{p.se * MBPB:.1f}"
-    t = "—" if math.isnan(p.t) else f"{p.t:+.1f}"
-    tag = " dominated" if all(p.labels) and p.labels[0] == "dominated" else ""
-    return f"{p.mean * MBPB:+.1f} ± {se} (t {t}, {p.k}/{p.n}){tag}"
+    """``mean ± SE (t, k/n)`` in mbpb, ``mean (n=1)`` for one seed, or the range label."""
+    return fmt_paired(p, MBPB)
 
 
 HEAD = ("method", "A bpb", "B bpb", "ΔA@B interp", "ΔB@A interp", "ΔA@B path", "verdict")
@@ -151,10 +150,26 @@ def closing_summary(rows: Sequence[LMRow]) -> str:
         above = [r.name for r in rs if r.verdict == "above"]
         below = [r.name for r in rs if r.verdict == "below"]
         lines.append(
-            f"  {cond}: above: {', '.join(above) or 'none'}; below: {', '.join(below) or 'none'}; "
+            f"  {cond}: above: {'; '.join(above) or 'none'}. below: {'; '.join(below) or 'none'}. "
             f"within noise: {sum(r.verdict in ('within noise', 'mixed') for r in rs)} of {len(rs)}"
         )
     return "\n".join(lines)
+
+
+def run_line(config: dict[str, Any]) -> str:
+    """What was run and how long it took, from a results.json ``config`` (printed and quoted)."""
+    n = len(config["schedules"]) * len(config["lengths"])
+    n *= config["pretrain_seeds"] * config["seeds"]
+    cached = "from the cache" if all(config["pretraining_cached"]) else "computed in the run"
+    return (
+        f"{n} fine-tuning runs ({' and '.join(config['schedules'])} schedules x T = "
+        f"{', '.join(map(str, config['lengths']))} steps x {config['pretrain_seeds']} "
+        f"pre-training x {config['seeds']} fine-tuning seeds; pre-training {cached}) in "
+        f"{config['seconds']:.1f} s wall, {config['cpu_seconds']:.1f} s CPU (user + system, "
+        f"workers included) with {config['workers']} worker(s); corpus sha256 "
+        f"{config['corpus_sha256'][:12]} ({config['corpus_files']} files, Python "
+        f"{config['python']}, torch {config['torch']})"
+    )
 
 
 def plot(runs: Sequence[LMRun], rows: Sequence[LMRow], out: Path) -> list[Path]:

@@ -52,6 +52,7 @@ __all__ = [
     "Paired",
     "a_star",
     "b_star",
+    "combined_verdict",
     "delta_a",
     "delta_b",
     "paired",
@@ -195,3 +196,15 @@ def verdict(p: Paired) -> str:
         if p.t <= -MIN_T and 2 * (p.n - p.k) > p.n:
             return "below"
     return "within noise"
+
+
+def combined_verdict(at_equal_b: Paired, at_equal_a: Paired) -> str:
+    """One verdict from ΔA@B and ΔB@A: ``"mixed"`` if they disagree in direction.
+
+    ``"above"`` (``"below"``) when either distance is above (below) and the other
+    is not the opposite; ``"within noise"`` when neither is.
+    """
+    v = {at_equal_b.verdict, at_equal_a.verdict}
+    if v == {"above", "below"}:
+        return "mixed"
+    return "above" if "above" in v else "below" if "below" in v else "within noise"

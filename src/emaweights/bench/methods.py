@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from emaweights.ema import EMA, Anchor
 from emaweights.schedules import Warmup
 
-__all__ = ["DECAYS", "EMAMethod", "Method", "default_methods"]
+__all__ = ["ALPHAS", "DECAYS", "EMAMethod", "Method", "default_methods", "matched_decays"]
 
 
 @runtime_checkable
@@ -62,13 +62,19 @@ class EMAMethod:
             pre-trained weights; ``"debiased"`` removes it.
         warmup: use the :class:`~emaweights.schedules.Warmup` schedule
             ``min(decay, (1+t)/(10+t))``.
+        grid: a candidate of the grid matched to the interpolation's α grid
+            (family ``"ema-grid"``; the summary shows only the one chosen on val).
     """
 
     changes_training = False
 
-    def __init__(self, decay: float, anchor: Anchor = "init", warmup: bool = False) -> None:
+    def __init__(
+        self, decay: float, anchor: Anchor = "init", warmup: bool = False, grid: bool = False
+    ) -> None:
         self.decay, self.anchor, self.warmup = decay, anchor, warmup
-        if warmup:
+        if grid:  # a candidate of the w0-matched grid: chosen on val, not a row of its own
+            self.name, self.family = f"ema-grid β={decay:.8g}", "ema-grid"
+        elif warmup:
             self.name, self.family = f"warmup-ema β={decay}", "warmup-ema"
         elif anchor == "debiased":
             self.name, self.family = f"ema-debiased β={decay}", "ema-debiased"
@@ -110,12 +116,29 @@ class EMAMethod:
 DECAYS = (0.9, 0.99, 0.995, 0.998, 0.999, 0.9995)
 
 
+ALPHAS = tuple(i / 20 for i in range(21))
+"""The interpolation grid of :class:`~emaweights.bench.runner.Config` (its default)."""
+
+
+def matched_decays(total_steps: int, alphas: tuple[float, ...] = ALPHAS) -> list[float]:
+    r"""Decays whose anchored :math:`w_0 = \beta^T` equal :math:`1-\alpha` for the interior α.
+
+    Raises:
+        ValueError: ``total_steps`` is below 1.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return [(1 - a) ** (1 / total_steps) for a in alphas if 0 < a < 1]
+
+
 def default_methods(
     steps_per_epoch: int, total_steps: int, decays: tuple[float, ...] = DECAYS
 ) -> list[Method]:
     r"""The methods the demo compares, for a fine-tuning run of ``total_steps`` steps.
 
-    Anchored and debiased EMAs at each decay, plus a warm-up EMA at the largest.
+    Anchored and debiased EMAs at each decay, plus a warm-up EMA at the largest,
+    and anchored EMAs on the grid matched to the interpolation's α grid
+    (:func:`matched_decays`; the summary keeps the one chosen on val).
     The default decays put :math:`w_0 = \beta^T` between about 0 and 0.84 at
     :math:`T = 340`. Then the averaging family
     (:func:`~emaweights.bench.methods_family.family_methods`):
@@ -140,6 +163,7 @@ def default_methods(
     methods: list[Method] = [EMAMethod(d) for d in decays]
     methods += [EMAMethod(d, anchor="debiased") for d in decays]
     methods.append(EMAMethod(max(decays), warmup=True))
+    methods += [EMAMethod(d, grid=True) for d in matched_decays(total_steps)]
     methods += family_methods(steps_per_epoch, total_steps)
     return methods
 

@@ -3,8 +3,10 @@
 Rows per task: the pre-trained and the fine-tuned weights, the choices made on
 the validation split (early-stopping epoch, interpolation alpha, EMA decay;
 each picked by the best mean of old- and new-task validation accuracy, then
-reported on test), and every method. Each metric is a mean ± standard
-deviation over seeds of per-seed values.
+reported on test), and every method. Accuracies are a mean ± standard
+deviation over seeds; the distances to the interpolation curve and to the
+early-stopping path are paired over seeds (mean ± paired SE, t, sign count;
+see :mod:`emaweights.bench.measure`), with a verdict.
 """
 
 from __future__ import annotations
@@ -13,16 +15,29 @@ import csv
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from emaweights.bench.metrics import delta_a, forgetting, mean_std
+from emaweights.bench.measure import Paired, combined_verdict, delta_a, delta_b, paired
+from emaweights.bench.metrics import forgetting, mean_std
 from emaweights.bench.runner import Evaluation, RunResult
 
-__all__ = ["Row", "markdown_tables", "plot", "print_table", "save", "summarize"]
+__all__ = [
+    "Row",
+    "closing_summary",
+    "fmt_paired",
+    "load_results",
+    "markdown_tables",
+    "plot",
+    "print_table",
+    "save",
+    "summarize",
+]
 
-METRICS = ("a", "b", "forgetting", "average", "delta_a_interp", "delta_a_early_stop", "w0")
+METRICS = ("a", "b", "forgetting", "average", "w0")
+DISTANCES = ("interp_a", "interp_b", "path_a")
+"""Paired distances per row: ΔA@B and ΔB@A to the interpolation curve, ΔA@B to the path."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,14 @@ class Row:
     family: str
     stats: dict[str, tuple[float, float]]  # metric -> (mean, std)
     counts: dict[str, tuple[int, int]]  # metric -> (seeds where defined, seeds)
+    distances: dict[str, Paired] = field(default_factory=dict)  # see DISTANCES
+
+    @property
+    def verdict(self) -> str:
+        """Against the interpolation curve (:func:`~emaweights.bench.measure.combined_verdict`)."""
+        if "interp_a" not in self.distances:
+            return "within noise"
+        return combined_verdict(self.distances["interp_a"], self.distances["interp_b"])
 
     def to_dict(self) -> dict[str, Any]:
         """Flat plain data for JSON and CSV."""
@@ -41,7 +64,15 @@ class Row:
         for k, (m, s) in self.stats.items():
             out[f"{k}_mean"], out[f"{k}_std"] = m, s
             out[f"{k}_seeds"] = self.counts[k][0]
+        for key, p in self.distances.items():
+            out |= {f"{key}_mean": p.mean, f"{key}_se": p.se, f"{key}_t": p.t}
+            out |= {f"{key}_k": p.k, f"{key}_n": p.n, f"{key}_verdict": p.verdict}
+        out["verdict"] = self.verdict
         return out
+
+
+def _hidden(r: RunResult) -> set[str]:
+    return {n for n, f in r.families.items() if f == "ema-grid"}
 
 
 def _metrics(r: RunResult, e: Evaluation, w0: float | None) -> dict[str, float]:
@@ -50,8 +81,6 @@ def _metrics(r: RunResult, e: Evaluation, w0: float | None) -> dict[str, float]:
         "b": e.b_test,
         "forgetting": forgetting(r.pretrained.a_test, e.a_test),
         "average": (e.a_test + e.b_test) / 2,
-        "delta_a_interp": delta_a(e.point, r.curve()),
-        "delta_a_early_stop": delta_a(e.point, r.path()),
         "w0": math.nan if w0 is None else w0,
     }
 
@@ -70,31 +99,56 @@ def _choices(r: RunResult) -> dict[str, tuple[str, Evaluation, float | None]]:
         "early stop (epoch on val)": ("selected", stop, None),
         "interpolation (α on val)": ("selected", interp, 1.0 - alpha),
     }
-    emas = [n for n, f in r.families.items() if f == "ema"]
-    if emas:
-        best = max(emas, key=lambda n: _val_score(r.methods[n]))
-        out["ema (β on val)"] = ("selected", r.methods[best], r.w0[best])
+    for family, label in (("ema", "ema (β on val)"), ("ema-grid", "ema (w0 grid, β on val)")):
+        emas = [n for n, f in r.families.items() if f == family]
+        if emas:
+            best = max(emas, key=lambda n: _val_score(r.methods[n]))
+            out[label] = ("selected", r.methods[best], r.w0[best])
     return out
 
 
 def summarize(results: Sequence[RunResult]) -> list[Row]:
     """Aggregate per-seed results into rows (task order, then row order of first seed)."""
-    per: dict[tuple[str, str], tuple[str, list[dict[str, float]]]] = {}
+    per: dict[tuple[str, str], tuple[str, list[tuple[RunResult, Evaluation, float | None]]]] = {}
     for r in results:
         entries = dict(_choices(r))
-        entries.update({n: (r.families[n], e, r.w0[n]) for n, e in r.methods.items()})
-        for name, (family, e, w0) in entries.items():
-            per.setdefault((r.task, name), (family, []))[1].append(_metrics(r, e, w0))
-    return [
-        Row(
-            task,
-            name,
-            family,
-            {k: mean_std([v[k] for v in vals]) for k in METRICS},
-            {k: (sum(not math.isnan(v[k]) for v in vals), len(vals)) for k in METRICS},
+        entries.update(
+            {n: (r.families[n], e, r.w0[n]) for n, e in r.methods.items() if n not in _hidden(r)}
         )
-        for (task, name), (family, vals) in per.items()
-    ]
+        for name, (family, e, w0) in entries.items():
+            per.setdefault((r.task, name), (family, []))[1].append((r, e, w0))
+    rows = []
+    for (task, name), (family, seeds) in per.items():
+        vals = [_metrics(r, e, w0) for r, e, w0 in seeds]
+        rows.append(
+            Row(
+                task,
+                name,
+                family,
+                {k: mean_std([v[k] for v in vals]) for k in METRICS},
+                {k: (sum(not math.isnan(v[k]) for v in vals), len(vals)) for k in METRICS},
+                {
+                    "interp_a": paired([delta_a(e.point, r.curve()) for r, e, _ in seeds]),
+                    "interp_b": paired([delta_b(e.point, r.curve()) for r, e, _ in seeds]),
+                    "path_a": paired([delta_a(e.point, r.path()) for r, e, _ in seeds]),
+                },
+            )
+        )
+    return rows
+
+
+def fmt_paired(p: Paired, scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± SE (t, k/n)`` scaled, ``mean (n=1)`` for one seed, or the range label."""
+    if math.isinf(p.mean):
+        return f"dominates ({p.k}/{p.n})"
+    if math.isnan(p.mean):
+        return f"mixed range ({p.k}/{p.n} > 0)"
+    tag = " dominated" if all(p.labels) and p.labels[0] == "dominated" else ""
+    if p.n == 1:  # no spread to show: a "± 0.0" would claim one
+        return f"{p.mean * scale:+.{digits}f} (n=1){tag}"
+    se = "—" if math.isnan(p.se) else f"{p.se * scale:.{digits}f}"
+    t = "—" if math.isnan(p.t) else f"{p.t:+.1f}"
+    return f"{p.mean * scale:+.{digits}f} ± {se} (t {t}, {p.k}/{p.n}){tag}"
 
 
 def _fmt(
@@ -106,10 +160,38 @@ def _fmt(
     m, s = stat
     if math.isnan(m):
         return "—"
+    if count is not None and count[1] == 1:  # one seed: no standard deviation to show
+        return f"{m * scale:.{digits}f} (n=1)"
     text = f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
     if count is not None and count[0] < count[1]:
         text += f" ({count[0]}/{count[1]})"  # defined for only some seeds
     return text
+
+
+COLUMNS = (
+    ("w0 = β^T", "w0"),
+    ("old A", "a"),
+    ("new B", "b"),
+    ("forgetting", "forgetting"),
+    ("avg", "average"),
+)
+PAIRED_COLUMNS = (
+    ("ΔA@B interp", "interp_a"),
+    ("ΔB@A interp", "interp_b"),
+    ("ΔA@B path", "path_a"),
+)
+
+
+def _cells(r: Row) -> list[str]:
+    cells = [
+        _fmt(r.stats[k], 1.0, 3, r.counts[k]) if k == "w0" else _fmt(r.stats[k], count=r.counts[k])
+        for _, k in COLUMNS
+    ]
+    cells += [fmt_paired(r.distances[k]) if k in r.distances else "—" for _, k in PAIRED_COLUMNS]
+    return [r.name, *cells, r.verdict]
+
+
+HEAD = ("method", *(h for h, _ in COLUMNS), *(h for h, _ in PAIRED_COLUMNS), "verdict")
 
 
 def print_table(rows: Sequence[Row], print_fn: Callable[[Any], None] | None = None) -> None:
@@ -120,65 +202,43 @@ def print_table(rows: Sequence[Row], print_fn: Callable[[Any], None] | None = No
     except ImportError:  # pragma: no cover - rich is in the bench extra
         _print_plain(rows)
         return
-    console = Console(width=160)
+    console = Console(width=220)
     out = print_fn or console.print
     for task in dict.fromkeys(r.task for r in rows):
-        table = Table(title=f"{task}: accuracy in %, mean ± std over seeds (test split)")
-        for col in (
-            "method",
-            "w0=β^T",
-            "old A",
-            "new B",
-            "forgetting",
-            "avg",
-            "ΔA vs interp",
-            "ΔA vs early stop",
-        ):
+        n = next(r.counts["a"][1] for r in rows if r.task == task)
+        table = Table(
+            title=f"{task}: test accuracy in % (mean ± std over {n} seeds); Δ in points, "
+            "paired mean ± SE (t, seeds > 0) (positive: beyond the curve)"
+        )
+        for col in HEAD:
             table.add_column(col, justify="left" if col == "method" else "right")
         for r in (r for r in rows if r.task == task):
-            s = r.stats
-            table.add_row(
-                r.name,
-                _fmt(s["w0"], 1.0, 3),
-                _fmt(s["a"]),
-                _fmt(s["b"]),
-                _fmt(s["forgetting"]),
-                _fmt(s["average"]),
-                _fmt(s["delta_a_interp"], count=r.counts["delta_a_interp"]),
-                _fmt(s["delta_a_early_stop"], count=r.counts["delta_a_early_stop"]),
-            )
+            table.add_row(*_cells(r))
         out(table)
-
-
-COLUMNS = (
-    ("w0 = β^T", "w0"),
-    ("old A", "a"),
-    ("new B", "b"),
-    ("forgetting", "forgetting"),
-    ("avg", "average"),
-    ("ΔA vs interpolation", "delta_a_interp"),
-    ("ΔA vs early-stop path", "delta_a_early_stop"),
-)
 
 
 def markdown_tables(rows: Sequence[Row]) -> str:
     """The summary as one Markdown table per task (accuracies in %), e.g. for a report."""
     parts = []
     for task in dict.fromkeys(r.task for r in rows):
-        lines = [
-            f"**{task}**",
-            "",
-            "| method | " + " | ".join(h for h, _ in COLUMNS) + " |",
-            "|---" * (len(COLUMNS) + 1) + "|",
-        ]
-        for r in (r for r in rows if r.task == task):
-            cells = [
-                _fmt(r.stats[k], 1.0, 3) if k == "w0" else _fmt(r.stats[k], count=r.counts[k])
-                for _, k in COLUMNS
-            ]
-            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+        lines = [f"**{task}**", "", "| " + " | ".join(HEAD) + " |", "|---" * len(HEAD) + "|"]
+        lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows if r.task == task]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def closing_summary(rows: Sequence[Row]) -> str:
+    """Per task: which methods are above / below the interpolation curve (the verdicts)."""
+    lines = ["Against the interpolation curve θ0→θT (|t| ≥ 2 and a sign majority over seeds):"]
+    for task in dict.fromkeys(r.task for r in rows):
+        rs = [r for r in rows if r.task == task and r.family != "reference"]
+        above = [r.name for r in rs if r.verdict == "above"]
+        below = [r.name for r in rs if r.verdict == "below"]
+        lines.append(
+            f"  {task}: above: {'; '.join(above) or 'none'}. below: {'; '.join(below) or 'none'}. "
+            f"within noise: {sum(r.verdict in ('within noise', 'mixed') for r in rs)} of {len(rs)}"
+        )
+    return "\n".join(lines)
 
 
 def _print_plain(rows: Sequence[Row]) -> None:  # pragma: no cover - fallback
@@ -187,7 +247,10 @@ def _print_plain(rows: Sequence[Row]) -> None:  # pragma: no cover - fallback
 
 
 def plot(results: Sequence[RunResult], rows: Sequence[Row], path: Path) -> None:
-    """Draw the trade-off plane (x: new-task accuracy, y: old-task accuracy), a panel per task."""
+    """Draw the trade-off plane (x: new-task accuracy, y: old-task accuracy), a panel per task.
+
+    Each method is drawn at its mean point with paired-SE bars of its distances to the curve.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,12 +280,14 @@ def plot(results: Sequence[RunResult], rows: Sequence[Row], path: Path) -> None:
             label="fine-tuning path (per epoch)",
         )
         for r in (r for r in rows if r.task == task and r.family in colors):
-            (bm, bs), (am, as_) = r.stats["b"], r.stats["a"]
+            bm, am = r.stats["b"][0], r.stats["a"][0]
+            # bars: paired SE of the distances to the curve (ΔB@A across, ΔA@B up)
+            xe, ye = (_finite(r.distances[k].se) if k in r.distances else 0.0 for k in DIST_XY)
             ax.errorbar(
                 100 * bm,
                 100 * am,
-                xerr=100 * bs,
-                yerr=100 * as_,
+                xerr=100 * xe,
+                yerr=100 * ye,
                 fmt="o",
                 ms=4,
                 color=colors[r.family],
@@ -249,6 +314,13 @@ def plot(results: Sequence[RunResult], rows: Sequence[Row], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+DIST_XY = ("interp_b", "interp_a")
+
+
+def _finite(v: float) -> float:
+    return v if math.isfinite(v) else 0.0
 
 
 def _mean_curve(curves: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, float]]:
@@ -291,3 +363,25 @@ def save(
         writer.writeheader()
         writer.writerows(lines)
         f.write(text.getvalue().encode())
+
+
+def load_results(path: Path) -> list[RunResult]:
+    """The per-seed runs of a digits ``results.json`` written by :func:`save`."""
+
+    def ev(x: dict[str, Any]) -> Evaluation:
+        return Evaluation(x["a_val"], x["b_val"], x["a_test"], x["b_test"])
+
+    out = []
+    for r in json.loads(path.read_text())["runs"]:
+        res = RunResult(
+            r["task"],
+            r["seed"],
+            r["steps"],
+            ev(r["pretrained"]),
+            [(i["alpha"], ev(i)) for i in r["interpolation"]],
+            [(i["epoch"], ev(i)) for i in r["trajectory"]],
+        )
+        for name, m in r["methods"].items():
+            res.methods[name], res.families[name], res.w0[name] = ev(m), m["family"], m["w0"]
+        out.append(res)
+    return out

@@ -369,7 +369,7 @@ def _fingerprint(split: Split) -> str:
 
 
 def run(
-    tasks: Sequence[TaskPair],
+    tasks: Sequence[TaskPair] | Callable[[int], Sequence[TaskPair]],
     cfg: Config = Config(),
     make_methods: MethodFactory = default_methods,
     make_model: ModelFactory = _default_model,
@@ -383,7 +383,9 @@ def run(
     pre-training is deterministic for the seed, so this only saves time.
 
     Args:
-        tasks: the task pairs.
+        tasks: the task pairs, or a function of the seed giving that seed's task
+            pairs (the same tasks in the same order, e.g. with a train/val/test
+            split drawn from the seed, as ``emaweights demo --task digits`` does).
         cfg: the training set-up.
         make_methods: builds the methods of one run (with ``workers > 1`` it
             must be picklable: a module-level function, not a lambda).
@@ -396,12 +398,19 @@ def run(
             ``if __name__ == "__main__":``, as with any multiprocessing code.
 
     Raises:
-        ValueError: ``workers`` is not a positive integer.
+        ValueError: ``workers`` is not a positive integer, or ``tasks`` gives
+            different task names for different seeds.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    jobs = [(task, seed) for task in tasks for seed in cfg.seeds]
-    keys = {id(task): _fingerprint(task.a) for task in tasks}
+    per_seed = {s: list(tasks(s) if callable(tasks) else tasks) for s in cfg.seeds}
+    names = {s: [t.name for t in ts] for s, ts in per_seed.items()}
+    if len({tuple(n) for n in names.values()}) > 1:
+        raise ValueError(f"tasks must give the same task names for every seed, got {names}")
+    width = len(next(iter(per_seed.values()), []))
+    # task-major order: all seeds of the first task, then the next task
+    jobs = [(per_seed[s][i], s) for i in range(width) for s in cfg.seeds]
+    keys = {id(task): _fingerprint(task.a) for task, _ in jobs}
 
     def key(task: TaskPair, seed: int) -> tuple[str, int, int, int]:
         return (keys[id(task)], task.num_features, task.num_classes, seed)
