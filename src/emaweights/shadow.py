@@ -110,7 +110,13 @@ def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> 
     flat = torch.empty(sum(t.numel() for t in live), dtype=sdt, device=sdev)
     views, offset = [], 0
     for t in live:
-        views.append(flat[offset : offset + t.numel()].view(t.shape))
+        run = flat[offset : offset + t.numel()]
+        # A channels_last tensor gets a channels_last view: applied() must not change the
+        # model's memory format (convolutions would switch layout, compile would recompile).
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+            views.append(run.as_strided(t.shape, t.stride(), run.storage_offset()))
+        else:
+            views.append(run.view(t.shape))
         offset += t.numel()
     n_params = sum(1 for e in entries if e.kind == "param")
     group = _Group(
