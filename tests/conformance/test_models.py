@@ -165,6 +165,13 @@ def test_plain_compiled_and_ddp_agree_on_names_and_values(case: Case, group: Non
         other.load_state_dict(averager.state_dict())
         for key, value in reference.items():
             assert torch.equal(other.averaged_state_dict()[key], value), (name, key)
+        # and copy_to() fills a model wrapped the other way
+        target = conv_net(5)
+        wrapped = BY_NAME["compiled" if name == "ddp" else "ddp"].make(5)
+        for into, inner in ((target, target), (wrapped, unwrap(wrapped))):
+            averager.copy_to(into)
+            for key, value in inner.state_dict().items():
+                assert torch.equal(value, reference[key]), (name, key)
 
 
 def test_compiled_forward_inside_applied_sees_the_average() -> None:
