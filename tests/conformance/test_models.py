@@ -195,18 +195,7 @@ def test_compiled_forward_inside_applied_sees_the_average() -> None:
 # -- channels_last --------------------------------------------------------------
 
 
-_MULTI_ROWS = pytest.mark.xfail(
-    strict=True,
-    reason="MultiEMA restacks its averages into [n, numel] rows in logical (NCHW) order "
-    "(multi._restack: b[i].view(v.shape)), so its swapped-in views are contiguous",
-)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=_MULTI_ROWS if c.name == "MultiEMA" else ()) for c in AVERAGERS],
-    ids=[c.name for c in AVERAGERS],
-)
+@cases
 def test_applied_keeps_channels_last_and_a_compiled_graph(case: Case) -> None:
     """Inside applied() a channels_last CNN keeps its memory format; compile reuses its graph."""
     torch._dynamo.reset()  # a fresh compile cache: count only this test's graphs
@@ -259,14 +248,43 @@ def test_channels_last_equals_contiguous_and_float64(case: Case) -> None:
         a_cl.update()
         a_flat.update()
         points.append({k: v.double() for k, v in flat.state_dict().items()})
-    out, ref = a_cl.averaged_state_dict(), a_flat.averaged_state_dict()
-    for key, value in ref.items():
-        assert torch.equal(out[key], value), key
+    for index, ref in enumerate(_exports(a_flat)):  # MultiEMA: every average
+        for key, value in ref.items():
+            assert torch.equal(_exports(a_cl)[index][key], value), (index, key)
+    out = a_cl.averaged_state_dict()
     if case.name in ("EMA", "EMA-debiased", "SWA"):
         oracle = _float64_rule(case.name, points)
         for key, value in oracle.items():
             if value.is_floating_point():
                 torch.testing.assert_close(out[key].double(), value, rtol=1e-6, atol=1e-7)
+
+
+def _exports(averager: Any) -> list[dict[str, torch.Tensor]]:
+    if hasattr(averager, "emas"):
+        return [averager.averaged_state_dict(i) for i in range(len(averager))]
+    return [averager.averaged_state_dict()]
+
+
+@pytest.mark.parametrize("kind", ["EMA", "MultiEMA"])
+@pytest.mark.parametrize(
+    "options",
+    [{"foreach": False}, {"dtype": torch.float32}, {"dtype": torch.float32, "foreach": False}],
+    ids=["per-tensor", "fp32-of-bf16", "fp32-of-bf16-per-tensor"],
+)
+def test_channels_last_kernel_paths_equal_contiguous(kind: str, options: dict[str, Any]) -> None:
+    """Every kernel path (per-tensor, cast through fp32) averages channels_last like contiguous."""
+    dtype = torch.bfloat16 if "dtype" in options else torch.float32
+    runs = []
+    for channels_last in (True, False):
+        model = conv_net(0, channels_last=channels_last).to(dtype)
+        averager = _run(BY_NAME_AVG[kind], model, **options)
+        runs.append(_exports(averager))
+        with torch.no_grad(), averager.applied() as m:
+            layout = m[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert layout == channels_last
+    for index, ref in enumerate(runs[1]):
+        for key, value in ref.items():
+            assert torch.equal(runs[0][index][key], value), (index, key)
 
 
 # -- frozen backbone ------------------------------------------------------------
