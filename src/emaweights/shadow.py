@@ -165,6 +165,26 @@ def _params_run(g: _Group, live: Sequence[Tensor]) -> Tensor | None:
     return _flat_run(live[: len(g.params)])
 
 
+def _memory_order_pairs(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]] | None:
+    """The pairs as 1-D views in one memory order, if every pair has one, else ``None``.
+
+    Both contiguous, or both channels_last (NHWC order: ``permute`` then ``view``,
+    which raises rather than copies), so the staged kernels can treat them as flat.
+    """
+    cl = torch.channels_last
+    out = []
+    for t, s in pairs:
+        if t.is_contiguous() and s.is_contiguous():
+            out.append((t.view(-1), s.view(-1)))
+        elif (
+            t.dim() == 4 and t.is_contiguous(memory_format=cl) and s.is_contiguous(memory_format=cl)
+        ):
+            out.append((t.permute(0, 2, 3, 1).view(-1), s.permute(0, 2, 3, 1).view(-1)))
+        else:
+            return None
+    return out
+
+
 def _plain_alias(t: Tensor) -> Tensor:
     """A 1-D tensor over the same memory as contiguous ``t`` that is not a view of another.
 
@@ -345,7 +365,8 @@ class _Kernel:
         else:
             pairs = list(zip(g.views, live, strict=True))
         mixed = g.flat.dtype != g.live_dtype
-        contiguous = all(s.is_contiguous() for _, s in pairs)
+        contiguous = all(t.is_contiguous() and s.is_contiguous() for t, s in pairs)
+        in_order = _memory_order_pairs(pairs)  # also channels_last on both sides
         if self.foreach is False:
             self.kind = "loop"
         elif self.compiled and run is not None and contiguous:
@@ -355,7 +376,7 @@ class _Kernel:
                 self.buffers["weight"] = torch.zeros((), dtype=torch.float32, device=g.flat.device)
             if len(pairs) > 1:
                 self._plan_staged(pairs[1:])
-        elif (mixed or self.stochastic) and contiguous:
+        elif (mixed or self.stochastic) and in_order is not None:
             if self.compiled and not self.warned:
                 self.warned = True
                 warnings.warn(
@@ -364,7 +385,13 @@ class _Kernel:
                     stacklevel=2,
                 )
             self.kind = "staged"
-            self._plan_staged(pairs)
+            self._plan_staged(in_order)
+        elif self.stochastic:
+            raise ValueError(
+                "rounding='stochastic' needs each shadow tensor and its live tensor in one "
+                "memory layout (both contiguous or both channels_last); the model's layout "
+                "changed after the EMA was created"
+            )
         else:
             self.kind = "lists"
             if run is not None and not mixed:

@@ -287,6 +287,46 @@ def test_channels_last_kernel_paths_equal_contiguous(kind: str, options: dict[st
             assert torch.equal(runs[0][index][key], value), (index, key)
 
 
+def test_stochastic_rounding_is_honoured_on_channels_last() -> None:
+    """rounding="stochastic" rounds channels_last weights as it rounds the same memory in NHWC."""
+    from emaweights import EMA
+
+    w = torch.randn(4, 3, 2, 2).to(torch.bfloat16)
+    cl = nn.ParameterList([nn.Parameter(w.contiguous(memory_format=torch.channels_last))])
+    nhwc = nn.ParameterList([nn.Parameter(w.permute(0, 2, 3, 1).contiguous())])
+    nearest = nn.ParameterList([nn.Parameter(w.contiguous(memory_format=torch.channels_last))])
+    opts = {"dtype": torch.bfloat16}
+    runs = [
+        (cl, EMA(cl, 0.99, rounding="stochastic", **opts), lambda d: d),
+        (nhwc, EMA(nhwc, 0.99, rounding="stochastic", **opts), lambda d: d.permute(0, 2, 3, 1)),
+        (nearest, EMA(nearest, 0.99, **opts), lambda d: d),
+    ]
+    for step in range(1, 6):
+        delta = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(step)) * 0.1
+        for model, ema, layout in runs:
+            with torch.no_grad():
+                model[0].add_(layout(delta).to(torch.bfloat16))
+            torch.manual_seed(step)  # the same noise for each run
+            ema.update()
+    got, same_memory, rounded = (e.shadow["0"] for _, e, _ in runs)
+    assert torch.equal(got.permute(0, 2, 3, 1), same_memory)
+    assert not torch.equal(got, rounded)  # stochastic, not round-to-nearest
+
+
+def test_stochastic_rounding_refuses_a_layout_changed_under_it() -> None:
+    """A model turned channels_last after the EMA was made: stochastic rounding refuses, named."""
+    from emaweights import EMA
+
+    model = conv_net(0, channels_last=False).to(torch.bfloat16)
+    ema = EMA(model, 0.5, dtype=torch.bfloat16, rounding="stochastic")
+    train_step(model, 1)
+    ema.update()
+    model.to(memory_format=torch.channels_last)
+    train_step(model, 2)
+    with pytest.raises(ValueError, match=r"rounding='stochastic'.*layout"):
+        ema.update()
+
+
 # -- frozen backbone ------------------------------------------------------------
 
 
