@@ -152,7 +152,8 @@ class MultiEMA:
         first = self.emas[0].storage
         for g, blocks, w in zip(first.averaged, self._blocks, self._weights, strict=True):
             _fill(w, weights)
-            rows = [t.reshape(1, -1) for t in live_on_shadow_device(g, first.foreach)]
+            live = live_on_shadow_device(g, first.foreach)
+            rows = [_row(t, v) for t, v in zip(live, g.views, strict=True)]
             if rows and rows[0].dtype == blocks[0].dtype and first.foreach is False:
                 for block, row in zip(blocks, rows, strict=True):  # the per-tensor reference
                     block.lerp_(row, w)
@@ -222,11 +223,36 @@ def _fill(column: Tensor, values: list[float]) -> None:
         column.copy_(host.pin_memory() if torch.cuda.is_available() else host, non_blocking=True)
 
 
+def _channels_last(t: Tensor) -> bool:
+    """A 4-D tensor stored channels_last (NHWC memory order), not plain contiguous."""
+    return (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _row(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` as a ``[1, numel]`` row in the memory order of ``like`` (a block row's order)."""
+    if _channels_last(like):
+        return t.permute(0, 2, 3, 1).reshape(1, -1)  # a view when t is channels_last too
+    return t.reshape(1, -1)
+
+
+def _shaped(row: Tensor, like: Tensor) -> Tensor:
+    """A block row viewed with the shape and memory format of ``like``."""
+    if _channels_last(like):
+        n, c, h, w = like.shape
+        return row.view(n, h, w, c).permute(0, 3, 1, 2)
+    return row.view(like.shape)
+
+
 def _restack(shadows: list[Shadow], gi: int) -> list[Tensor]:
     """Move group ``gi`` of every shadow into ``[n, numel]`` blocks, one per tensor.
 
-    Each shadow keeps its views (now rows of the blocks, contiguous), so
-    swapping, loading and saving work unchanged. Returns the blocks.
+    Each shadow keeps its views (now rows of the blocks, in each tensor's memory
+    order, so channels_last stays channels_last), so swapping, loading and saving
+    work unchanged. Returns the blocks.
     """
     groups = [s.averaged[gi] for s in shadows]
     n, ref = len(groups), groups[0]
@@ -236,11 +262,11 @@ def _restack(shadows: list[Shadow], gi: int) -> list[Tensor]:
     for j, v in enumerate(ref.views):
         block = storage[n * offset : n * (offset + v.numel())].view(n, v.numel())
         for i, g in enumerate(groups):
-            block[i].copy_(g.views[j].reshape(-1))
+            block[i].copy_(_row(g.views[j], v)[0])
         blocks.append(block)
         offset += v.numel()
     for i, s in enumerate(shadows):
         # ``flat`` is only used for sizes from here on: an equally long slice.
-        views = [b[i].view(v.shape) for b, v in zip(blocks, ref.views, strict=True)]
+        views = [_shaped(b[i], v) for b, v in zip(blocks, ref.views, strict=True)]
         s.rebind_group_(gi, storage[i * total : (i + 1) * total], views)
     return blocks

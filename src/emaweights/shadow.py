@@ -110,7 +110,13 @@ def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> 
     flat = torch.empty(sum(t.numel() for t in live), dtype=sdt, device=sdev)
     views, offset = [], 0
     for t in live:
-        views.append(flat[offset : offset + t.numel()].view(t.shape))
+        run = flat[offset : offset + t.numel()]
+        # A channels_last tensor gets a channels_last view: applied() must not change the
+        # model's memory format (convolutions would switch layout, compile would recompile).
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+            views.append(run.as_strided(t.shape, t.stride(), run.storage_offset()))
+        else:
+            views.append(run.view(t.shape))
         offset += t.numel()
     n_params = sum(1 for e in entries if e.kind == "param")
     group = _Group(
@@ -157,6 +163,26 @@ def _params_run(g: _Group, live: Sequence[Tensor]) -> Tensor | None:
     if g.staging is not None or not g.flat_is_views:
         return None
     return _flat_run(live[: len(g.params)])
+
+
+def _memory_order_pairs(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]] | None:
+    """The pairs as 1-D views in one memory order, if every pair has one, else ``None``.
+
+    Both contiguous, or both channels_last (NHWC order: ``permute`` then ``view``,
+    which raises rather than copies), so the staged kernels can treat them as flat.
+    """
+    cl = torch.channels_last
+    out = []
+    for t, s in pairs:
+        if t.is_contiguous() and s.is_contiguous():
+            out.append((t.view(-1), s.view(-1)))
+        elif (
+            t.dim() == 4 and t.is_contiguous(memory_format=cl) and s.is_contiguous(memory_format=cl)
+        ):
+            out.append((t.permute(0, 2, 3, 1).view(-1), s.permute(0, 2, 3, 1).view(-1)))
+        else:
+            return None
+    return out
 
 
 def _plain_alias(t: Tensor) -> Tensor:
@@ -339,7 +365,8 @@ class _Kernel:
         else:
             pairs = list(zip(g.views, live, strict=True))
         mixed = g.flat.dtype != g.live_dtype
-        contiguous = all(s.is_contiguous() for _, s in pairs)
+        contiguous = all(t.is_contiguous() and s.is_contiguous() for t, s in pairs)
+        in_order = _memory_order_pairs(pairs)  # also channels_last on both sides
         if self.foreach is False:
             self.kind = "loop"
         elif self.compiled and run is not None and contiguous:
@@ -349,7 +376,7 @@ class _Kernel:
                 self.buffers["weight"] = torch.zeros((), dtype=torch.float32, device=g.flat.device)
             if len(pairs) > 1:
                 self._plan_staged(pairs[1:])
-        elif (mixed or self.stochastic) and contiguous:
+        elif (mixed or self.stochastic) and in_order is not None:
             if self.compiled and not self.warned:
                 self.warned = True
                 warnings.warn(
@@ -358,7 +385,13 @@ class _Kernel:
                     stacklevel=2,
                 )
             self.kind = "staged"
-            self._plan_staged(pairs)
+            self._plan_staged(in_order)
+        elif self.stochastic:
+            raise ValueError(
+                "rounding='stochastic' needs each shadow tensor and its live tensor in one "
+                "memory layout (both contiguous or both channels_last); the model's layout "
+                "changed after the EMA was created"
+            )
         else:
             self.kind = "lists"
             if run is not None and not mixed:

@@ -196,7 +196,11 @@ class EMACallback(_Callback):  # type: ignore[misc]
         self._ensure(pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Align a fresh average with the restored step count (known only now)."""
+        """Align the average with the Trainer's step count (known only now).
+
+        A fresh average starts at the restored step; an average that a new Trainer
+        fits on (its count restarts at 0) goes on counting from its own step.
+        """
         if self._fresh:
             self._offset, self._fresh = trainer.global_step, False
             self._last_step = trainer.global_step
@@ -207,6 +211,11 @@ class EMACallback(_Callback):  # type: ignore[misc]
                     "restored weights",
                     stacklevel=2,
                 )
+        elif self.averager is not None and trainer.global_step < self._last_step:
+            # A new Trainer fitting on (no checkpoint) counts from 0 again: without
+            # this, every step up to the old count would be taken for one seen already.
+            self._offset = trainer.global_step - self.averager.step
+            self._last_step = trainer.global_step
 
     # -- updates -----------------------------------------------------------
 
