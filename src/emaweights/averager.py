@@ -585,6 +585,20 @@ def is_plain(value: object, kind: type, *allowed: object) -> bool:
     return type(value) is kind and value in allowed
 
 
+def parse_clock(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the clock's saved options (``update_every``, ``start_step``, ``nonfinite``)."""
+    nonfinite = config.get("nonfinite")
+    if not is_plain(nonfinite, str, "check", "raise", "skip"):
+        raise ValueError(
+            f"saved nonfinite must be 'check', 'raise' or 'skip', got {_short(nonfinite)}"
+        )
+    return {
+        "update_every": positive_int(config.get("update_every"), "saved update_every"),
+        "start_step": positive_int(config.get("start_step"), "saved start_step", minimum=0),
+        "nonfinite": nonfinite,
+    }
+
+
 def parse_common(state: object, fmt: str, version: int, storages: list[str]) -> dict[str, int]:
     """Validate the fields every averager state has; return the counters.
 
