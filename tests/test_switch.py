@@ -32,3 +32,26 @@ def test_switch_copies_average_into_live_weights() -> None:
                 p.double(), ref_model.get_parameter(k).double(), rtol=1e-5, atol=1e-6
             )
     assert sw.switches == 3
+
+
+def test_switch_state_keeps_switch_count_and_loads_old_format() -> None:
+    """The state saves switches; a pre-0.2 EMA-format state loads with the same average."""
+    from emaweights import EMA
+    from emaweights.averager import Averager
+
+    model = mlp()
+    sw = SwitchEMA(model, 0.8, switch_every=2)
+    assert isinstance(sw, Averager) and not isinstance(sw, EMA)
+    for _ in range(4):
+        sw.update()
+    other = SwitchEMA(model, 0.8, switch_every=2)
+    other.load_state_dict(sw.state_dict())
+    assert other.switches == sw.switches == 2
+    ema = EMA(model, 0.8)
+    for _ in range(4):
+        ema.update()
+    old = SwitchEMA(model, 0.8, switch_every=2)
+    old.load_state_dict(ema.state_dict())
+    assert old.step == 4 and old.switches == 2 and old.init_weight == ema.init_weight
+    for k, v in ema.shadow.items():
+        assert torch.equal(old.shadow[k], v)
