@@ -33,6 +33,12 @@ __all__ = [
 ]
 
 
+# Up to this many steps per update a schedule's decay is the exact product of its
+# per-step decays; past it (a restored state far ahead of its last update, or
+# ``update(step=...)`` jumping) closed forms or a quadrature keep the time bounded.
+_EXACT_STEPS = 1024
+
+
 def _check_decay(value: float, what: str = "decay") -> float:
     """Return ``value`` as a float in [0, 1], or raise naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -153,6 +159,25 @@ class Warmup(Schedule):
         r"""Return :math:`\min(\beta, (1+t)/(10+t))`."""
         return min(self.decay, (1.0 + step) / (10.0 + step))
 
+    def decay_over(self, start: int, steps: int) -> float:
+        r"""The exact product for short spans; a closed form past ``_EXACT_STEPS``.
+
+        :math:`\beta_t = (1+t)/(10+t)` until it reaches :math:`\beta` at
+        :math:`t^* = \lceil (10\beta - 1)/(1 - \beta) \rceil`, then :math:`\beta`; over
+        :math:`[s, a)` the ramp telescopes to :math:`\prod_{j=1}^{9} (s+j)/(a+j)`, so
+
+        .. math:: \prod_{t=s}^{s+k-1} \beta_t = \prod_{j=1}^{9} \frac{s+j}{a+j}
+                  \; \beta^{\,s+k-a}, \qquad a = \min(\max(t^*, s), s+k).
+        """
+        if steps <= _EXACT_STEPS:
+            return super().decay_over(start, steps)
+        end = start + steps
+        b = self.decay
+        knee = end if b >= 1.0 else max(0, math.ceil((10.0 * b - 1.0) / (1.0 - b)))
+        a = min(max(knee, start), end)
+        ramp = math.prod((start + j) / (a + j) for j in range(1, 10))
+        return float(ramp * b ** (end - a))
+
 
 @dataclass(frozen=True)
 class PowerWarmup(Schedule):
@@ -191,6 +216,50 @@ class PowerWarmup(Schedule):
         """Return the clipped inverse-power decay."""
         value = 1.0 - float((1.0 + step / self.inv_gamma) ** -self.power)
         return min(self.max_decay, max(self.min_decay, value))
+
+    def decay_over(self, start: int, steps: int) -> float:
+        r"""The exact product over the first ``_EXACT_STEPS`` steps, then a bounded form.
+
+        Past them the clipped ends are powers (:math:`\beta_{min}^n`,
+        :math:`\beta_{max}^n`) and the unclipped middle, where
+        :math:`\log\beta_t` is smooth and slowly varying, is
+        :math:`\exp \int_{a-1/2}^{b-1/2} \log\beta_t \, dt` (midpoint rule,
+        by Simpson's rule in :math:`\log t`): constant time for any span.
+        """
+        if steps <= _EXACT_STEPS:
+            return super().decay_over(start, steps)
+        out = super().decay_over(start, _EXACT_STEPS)
+        s, end = start + _EXACT_STEPS, start + steps
+        g, p, lo, hi = self.inv_gamma, self.power, self.min_decay, self.max_decay
+
+        def reach(v: float) -> float:  # first t with 1 - (1 + t/g)^-p >= v
+            if v >= 1.0:
+                return math.inf
+            try:
+                return g * ((1.0 - v) ** (-1.0 / p) - 1.0)
+            except OverflowError:
+                return math.inf
+
+        t_lo = min(max(math.ceil(min(reach(lo), 2.0**62)), s), end)
+        t_hi = min(max(math.ceil(min(reach(hi), 2.0**62)), t_lo), end)
+        out *= lo ** (t_lo - s) * hi ** (end - t_hi)
+        if t_hi > t_lo and out > 0.0:
+            out *= math.exp(self._log_integral(t_lo - 0.5, t_hi - 0.5))
+        return float(out)
+
+    def _log_integral(self, a: float, b: float, n: int = 2048) -> float:
+        r""":math:`\int_a^b \log(1 - (1+t/\gamma_{inv})^{-p})\,dt`, Simpson's rule in :math:`u=\log t`."""
+        ua, ub = math.log(a), math.log(b)
+        h = (ub - ua) / n
+
+        def f(u: float) -> float:
+            t = math.exp(u)
+            x = (1.0 + t / self.inv_gamma) ** -self.power
+            return math.log1p(-x) * t if x < 1.0 else -math.inf
+
+        total = f(ua) + f(ub)
+        total += sum((4.0 if i % 2 else 2.0) * f(ua + i * h) for i in range(1, n))
+        return total * h / 3.0
 
 
 @dataclass(frozen=True)
