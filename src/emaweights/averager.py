@@ -483,6 +483,14 @@ class Averager:
             NonFiniteError: the average holds NaN or infinity (never saved silently).
         """
         self._check_finite("state_dict")
+        return self._unchecked_state()
+
+    def _unchecked_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` without the finiteness check: the layout a loader fills.
+
+        A loader that needs the current layout (``load_dcp``) must work on a
+        NaN-poisoned averager too, so that a good checkpoint always recovers it.
+        """
         state: dict[str, Any] = {
             "format": self.FORMAT,
             "version": self.VERSION,
