@@ -101,7 +101,7 @@ def test_long_span_matches_the_exact_product(s: object, start: int, steps: int) 
 
 @pytest.mark.parametrize("s", _LONG, ids=repr)
 def test_huge_span_takes_bounded_time(s: object) -> None:
-    """decay_over over 10**12 steps returns a decay in [0, 1] in milliseconds, not a loop per step."""
+    """decay_over across 10**12 steps returns a decay in [0, 1] at once, not a loop per step."""
     import time
 
     begin = time.perf_counter()

@@ -403,6 +403,8 @@ def save_dcp(ema: EMA, path: PathLike, timeout: float | None = None) -> None:
     what = f"save_dcp to {str(path)!r}"
     group = _side_group(wait)
 
+    committed = [False]
+
     def run() -> None:
         tmp = target.parent / f".{target.name}.{_agree_token(group)}{_TMP_SUFFIX}"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -410,9 +412,20 @@ def save_dcp(ema: EMA, path: PathLike, timeout: float | None = None) -> None:
         if _rank() == 0:
             _fsync_dir(tmp)
             _commit(tmp, target)
+            committed[0] = True
         _barrier(group, wait)  # no rank returns before the checkpoint is in place
 
-    _wrap_checkpoint_errors(what, run, wait)
+    try:
+        _wrap_checkpoint_errors(what, run, wait)
+    except (PeerTimeoutError, CheckpointError) as err:
+        # Say what the folder holds: only rank 0, which commits, knows which save it is.
+        if committed[0]:
+            held = "the new checkpoint was committed, whole"
+        elif _rank() == 0:
+            held = "it holds the previous checkpoint, whole"
+        else:
+            held = "it holds the previous or the new checkpoint, whole"
+        raise type(err)(f"{err}; {str(path)!r}: {held}") from err
 
 
 def load_dcp(ema: EMA, path: PathLike, timeout: float | None = None) -> None:

@@ -18,6 +18,7 @@ checkpoints.
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -39,13 +40,27 @@ __all__ = [
 _EXACT_STEPS = 1024
 
 
+def _brief(value: object, limit: int = 80) -> str:
+    """A bounded ``repr`` of a value a saved schedule may hold.
+
+    A hostile value (a shared-node DAG) has a repr that never ends; reprlib
+    visits a bounded number of levels and items.
+    """
+    return _REPR.repr(value)[:limit]
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 8, 8, 8
+_REPR.maxstring = _REPR.maxother = 40
+
+
 def _check_decay(value: float, what: str = "decay") -> float:
     """Return ``value`` as a float in [0, 1], or raise naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number in [0, 1], got {value!r}")
+        raise TypeError(f"{what} must be a number in [0, 1], got {_brief(value)}")
     v = float(value)
     if not (0.0 <= v <= 1.0):  # also rejects NaN
-        raise ValueError(f"{what} must be in [0, 1], got {value!r}")
+        raise ValueError(f"{what} must be in [0, 1], got {_brief(value)}")
     return v
 
 
@@ -122,7 +137,9 @@ class HalfLife(Schedule):
             or not isinstance(h, (int, float))
             or not (h > 0 and math.isfinite(h))
         ):
-            raise ValueError(f"half_life must be a positive finite number of steps, got {h!r}")
+            raise ValueError(
+                f"half_life must be a positive finite number of steps, got {_brief(h)}"
+            )
 
     @property
     def decay(self) -> float:
@@ -204,9 +221,9 @@ class PowerWarmup(Schedule):
 
     def __post_init__(self) -> None:
         if not (self.inv_gamma > 0 and math.isfinite(self.inv_gamma)):
-            raise ValueError(f"inv_gamma must be positive and finite, got {self.inv_gamma!r}")
+            raise ValueError(f"inv_gamma must be positive and finite, got {_brief(self.inv_gamma)}")
         if not (self.power > 0 and math.isfinite(self.power)):
-            raise ValueError(f"power must be positive and finite, got {self.power!r}")
+            raise ValueError(f"power must be positive and finite, got {_brief(self.power)}")
         lo = _check_decay(self.min_decay, "min_decay")
         hi = _check_decay(self.max_decay, "max_decay")
         if lo > hi:
@@ -236,7 +253,7 @@ class PowerWarmup(Schedule):
             if v >= 1.0:
                 return math.inf
             try:
-                return g * ((1.0 - v) ** (-1.0 / p) - 1.0)
+                return float(g * ((1.0 - v) ** (-1.0 / p) - 1.0))
             except OverflowError:
                 return math.inf
 
@@ -248,7 +265,7 @@ class PowerWarmup(Schedule):
         return float(out)
 
     def _log_integral(self, a: float, b: float, n: int = 2048) -> float:
-        r""":math:`\int_a^b \log(1 - (1+t/\gamma_{inv})^{-p})\,dt`, Simpson's rule in :math:`u=\log t`."""
+        r""":math:`\int_a^b \log(1 - (1+t/\gamma_{inv})^{-p})\,dt` , Simpson in ``log t``."""
         ua, ub = math.log(a), math.log(b)
         h = (ub - ua) / n
 
@@ -286,7 +303,7 @@ class PowerFunction(Schedule):
     def __post_init__(self) -> None:
         g = self.gamma
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not (g > -1 and g < 1e6):
-            raise ValueError(f"gamma must be a number > -1, got {g!r}")
+            raise ValueError(f"gamma must be a number > -1, got {_brief(g)}")
 
     def __call__(self, step: int) -> float:
         r"""Return :math:`(t/(t+1))^{\gamma+1}`."""
@@ -310,13 +327,15 @@ def schedule_from_dict(data: dict[str, Any]) -> Schedule:
 
     """
     kind = data.get("kind")
-    cls = _KINDS.get(str(kind))
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None  # never str() a hostile value
     if cls is None:
-        raise ValueError(f"unknown schedule kind {kind!r}; known: {sorted(_KINDS)}")
+        raise ValueError(f"unknown schedule kind {_brief(kind)}; known: {sorted(_KINDS)}")
     names = {f.name for f in fields(cls)}
     args = {k: v for k, v in data.items() if k != "kind"}
     if set(args) != names:
-        raise ValueError(f"schedule {kind!r} expects fields {sorted(names)}, got {sorted(args)}")
+        raise ValueError(
+            f"schedule {kind!r} expects fields {sorted(names)}, got {_brief(list(args))}"
+        )
     return cls(**args)
 
 

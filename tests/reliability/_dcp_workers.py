@@ -1,5 +1,8 @@
-"""Ranks for the distributed crash tests: a rank killed or stuck inside save_dcp, or a peer
-that never joins the cross-rank non-finite check (forkable: module-level functions)."""
+"""Ranks for the distributed crash tests (forkable: module-level functions).
+
+A rank killed or stuck inside save_dcp, or a peer that never joins the
+cross-rank non-finite check.
+"""
 
 from __future__ import annotations
 
@@ -71,19 +74,24 @@ def _arm(mode: str, delay: float) -> None:
         timer.start()
 
 
-def save_killed(rank: int, folder: Path, mode: str, delay: float, timeout: float, naive: bool) -> None:
+def save_killed(
+    rank: int, folder: Path, mode: str, delay: float, timeout: float, naive: bool
+) -> None:
     """Save A, advance, save B into the same folder while rank 1 dies (or hangs) in the save."""
     ema = EMA(_model(), 0.8)
     _advance(ema, 2)
     _record(folder, "A", ema)
+    save_dcp(ema, folder / "ck", timeout=timeout)  # the first save also makes the side group
+    begin = time.monotonic()
     save_dcp(ema, folder / "ck", timeout=timeout)
+    took = time.monotonic() - begin  # random kills land in [0, delay x this]: inside the save
     _advance(ema, 3)
     _record(folder, "B", ema)
     dist.barrier()
     out: dict[str, Any] = {"rank": rank}
     if rank == 1:
         (folder / "rank1.json").write_text(json.dumps({"armed": mode}))  # its end: about to die
-        _arm(mode, delay)
+        _arm(mode, delay * took)
     begin = time.monotonic()
     try:
         if naive:  # the unsafe way: DCP straight into the folder of the previous save
@@ -93,15 +101,17 @@ def save_killed(rank: int, folder: Path, mode: str, delay: float, timeout: float
         else:
             save_dcp(ema, folder / "ck", timeout=timeout)
         out["outcome"] = "saved"
-    except Exception as err:  # noqa: BLE001 - the outcome is what the parent checks
+    except Exception as err:
         out["outcome"] = type(err).__name__
-        out["message"] = str(err)[:300]
+        out["message"] = str(err)[-300:]  # its end says what the folder holds
     out["elapsed"] = time.monotonic() - begin
     if rank == 0:
         (folder / "rank0.json").write_text(json.dumps(out))
 
 
-def agreement_stuck(rank: int, folder: Path, mode: str, delay: float, timeout: float, naive: bool) -> None:
+def agreement_stuck(
+    rank: int, folder: Path, mode: str, delay: float, timeout: float, naive: bool
+) -> None:
     """Rank 1 never joins the non-finite agreement of nonfinite='skip': rank 0 must raise."""
     set_timeout(timeout)
     ema = EMA(_model(), 0.8, nonfinite="skip")
@@ -137,16 +147,25 @@ def _entry(rank: int, fn_name: str, world: int, folder: str, args: tuple[Any, ..
     os._exit(0)  # a peer is dead: destroying the process group could wait for it
 
 
-def launch(fn_name: str, folder: Path, mode: str, delay: float = 0.0, timeout: float = 5.0,
-           naive: bool = False) -> list[dict[str, Any]]:
+def launch(
+    fn_name: str,
+    folder: Path,
+    mode: str,
+    delay: float = 0.0,
+    timeout: float = 5.0,
+    naive: bool = False,
+) -> list[dict[str, Any]]:
     """Run 2 gloo ranks; return both markers (each rank writes one at its end)."""
     folder.mkdir(parents=True, exist_ok=True)
     if START_METHOD == "fork":
         import torch.distributed.checkpoint
         import torch.distributed.fsdp  # noqa: F401
     ctx = mp.start_processes(
-        _entry, args=(fn_name, 2, str(folder), (mode, delay, timeout, naive)), nprocs=2,
-        join=False, start_method=START_METHOD,
+        _entry,
+        args=(fn_name, 2, str(folder), (mode, delay, timeout, naive)),
+        nprocs=2,
+        join=False,
+        start_method=START_METHOD,
     )
     deadline = time.monotonic() + WALL_S
     ends = [folder / f"rank{rank}.json" for rank in range(2)]
@@ -170,5 +189,5 @@ def launch(fn_name: str, folder: Path, mode: str, delay: float = 0.0, timeout: f
 
 
 def random_delay(seed: int, upto: float) -> float:
-    """A reproducible kill moment in [0, upto] seconds."""
+    """A reproducible kill moment in [0, upto], in units of one save's duration."""
     return random.Random(seed).uniform(0.0, upto)

@@ -1,5 +1,8 @@
-"""save_dcp with a rank killed or stuck mid-save: the previous checkpoint stays whole and loadable;
-a dead or stuck peer raises within the timeout (2 gloo ranks on CPU, file rendezvous)."""
+"""save_dcp with a rank killed or stuck mid-save; peers missing from a collective.
+
+The previous checkpoint stays whole and loadable, and a dead or stuck peer
+raises within the timeout (2 gloo ranks on CPU, file rendezvous).
+"""
 
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def test_rank_killed_before_writing_keeps_previous_checkpoint(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_naive_dcp_save_is_torn_by_the_same_kill(tmp_path: Path) -> None:
-    """The kill test can fail: the same kill tears a plain dcp.save into the folder (a mix of A, B)."""
+    """The kill test can fail: the same kill tears a plain dcp.save into the folder (A, B mixed)."""
     w.launch("save_killed", tmp_path, "before_write", timeout=TIMEOUT_S, naive=True)
     assert _which(tmp_path) == "mixed"
 
@@ -74,7 +77,7 @@ def test_stuck_peer_in_save_raises_within_the_timeout(tmp_path: Path) -> None:
 def test_peer_missing_from_nonfinite_agreement_raises_within_timeout(
     tmp_path: Path, mode: str
 ) -> None:
-    """A peer that hangs or exits instead of joining the non-finite check: PeerTimeoutError, step kept."""
+    """A peer hanging or gone instead of joining the non-finite check: PeerTimeoutError, no step."""
     rank0, rank1 = w.launch("agreement_stuck", tmp_path, mode, timeout=TIMEOUT_S)
     assert rank1 == {"armed": mode}
     assert rank0["outcome"] == "PeerTimeoutError", rank0
@@ -87,15 +90,20 @@ KILL_TRIALS = 28
 
 @pytest.mark.slow
 def test_random_kills_never_tear_the_checkpoint(tmp_path: Path) -> None:
-    """28 SIGKILLs of rank 1 at random moments of the save: the folder is always A or B, whole."""
+    """28 SIGKILLs of rank 1 at random moments of a save: the folder is always A or B, whole."""
     held = []
     for trial in range(KILL_TRIALS):
         folder = tmp_path / f"t{trial}"
-        delay = w.random_delay(trial, 0.3)
+        delay = w.random_delay(trial, 1.2)
         rank0, _ = w.launch("save_killed", folder, "random", delay=delay, timeout=TIMEOUT_S)
         got = _which(folder)
         assert got != "mixed", (trial, delay, rank0)
-        assert got == ("B" if rank0["outcome"] == "saved" else "A"), (trial, rank0)
+        # A kill after rank 0 committed (in the final barrier) raises and keeps B, and says so.
+        after_commit = "the new checkpoint was committed" in rank0.get("message", "")
+        assert got == ("B" if rank0["outcome"] == "saved" or after_commit else "A"), (trial, rank0)
         held.append(got)
-    print(f"{KILL_TRIALS} kills: {held.count('A')} kept A, {held.count('B')} committed B")
+    print(
+        f"{KILL_TRIALS} kills of a rank mid-save: {held.count('A')} kept the previous save A, "
+        f"{held.count('B')} left the new save B; 0 torn"
+    )
     assert "A" in held  # some kills landed inside the save, so the test is not vacuous
