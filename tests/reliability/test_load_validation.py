@@ -193,7 +193,8 @@ def mutated_states(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
             holder[path[-1]] = draw(HOSTILE)
         elif action == "counters":  # far-apart counters, and a schedule that would loop per step
             state[draw(st.sampled_from(COUNTERS))] = draw(st.integers(0, 2**62))
-            state["config"]["schedule"] = draw(HOSTILE.filter(lambda v: isinstance(v, dict)))
+            if isinstance(state.get("config"), dict):  # an earlier action may have replaced it
+                state["config"]["schedule"] = draw(HOSTILE.filter(lambda v: isinstance(v, dict)))
         elif action == "delete":
             holder.pop(path[-1], None)
         else:
