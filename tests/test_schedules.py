@@ -113,3 +113,41 @@ def test_schedule_missing_an_original_field_is_refused() -> None:
     """Only fields added later may be absent: a missing decay is still refused."""
     with pytest.raises(ValueError, match="expects fields"):
         schedule_from_dict({"kind": "warmup", "offset": 1})
+
+
+def _exact_product(s: object, start: int, steps: int) -> float:
+    """The oracle: the product of every per-step decay, summed in log space with fsum."""
+    values = [s(t) for t in range(start, start + steps)]  # type: ignore[operator]
+    if min(values) == 0.0:
+        return 0.0
+    return math.exp(math.fsum(math.log(v) for v in values))
+
+
+_LONG = [
+    Warmup(0.999),
+    Warmup(1.0),
+    PowerWarmup(),
+    PowerWarmup(inv_gamma=10.0, power=0.75, min_decay=0.1, max_decay=0.99999),
+    PowerWarmup(power=0.3, max_decay=1.0),
+    Warmup(0.999, offset=7),
+    PowerWarmup(inv_gamma=10.0, power=0.75, min_decay=0.1, max_decay=0.99999, offset=3),
+]
+
+
+@pytest.mark.parametrize("s", _LONG, ids=repr)
+@pytest.mark.parametrize(("start", "steps"), [(0, 2000), (3, 50_000), (100_000, 300_000)])
+def test_long_span_matches_the_exact_product(s: object, start: int, steps: int) -> None:
+    """Past the exact-loop length the bounded forms still equal the product of per-step decays."""
+    got = s.decay_over(start, steps)  # type: ignore[attr-defined]
+    assert got == pytest.approx(_exact_product(s, start, steps), rel=1e-5, abs=1e-300)
+
+
+@pytest.mark.parametrize("s", _LONG, ids=repr)
+def test_huge_span_takes_bounded_time(s: object) -> None:
+    """decay_over across 10**12 steps returns a decay in [0, 1] at once, not a loop per step."""
+    import time
+
+    begin = time.perf_counter()
+    got = s.decay_over(1, 10**12)  # type: ignore[attr-defined]
+    assert time.perf_counter() - begin < 0.5
+    assert 0.0 <= got <= s.decay_over(1, 2000)  # type: ignore[attr-defined]

@@ -14,15 +14,51 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "PeerTimeoutError",
     "any_across_ranks",
     "distribute_like",
+    "get_timeout",
     "is_dtensor",
     "is_sharded",
     "is_zero3",
     "local",
     "reshard",
+    "set_timeout",
     "wrap_like",
 ]
+
+# Seconds a collective of this library waits for the other ranks before raising
+# (torch's process-group default is 30 minutes, without a word until then).
+_TIMEOUT_S = 600.0
+
+
+class PeerTimeoutError(RuntimeError):
+    """Another rank did not join a collective within the timeout: it is dead or stuck."""
+
+
+def set_timeout(seconds: float) -> None:
+    """Set how long this library's collectives wait for the other ranks (every rank, same value).
+
+    Bounds the cross-rank non-finite agreement and :func:`~emaweights.distributed.save_dcp` /
+    :func:`~emaweights.distributed.load_dcp`. It must exceed the longest time one rank
+    can lag the others at those points (for a save: the slowest rank's write).
+
+    Raises:
+        ValueError: ``seconds`` is not a positive finite number.
+    """
+    import math
+
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise ValueError(f"timeout must be a positive number of seconds, got {seconds!r}")
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"timeout must be a positive number of seconds, got {seconds!r}")
+    global _TIMEOUT_S
+    _TIMEOUT_S = float(seconds)
+
+
+def get_timeout() -> float:
+    """The timeout in seconds of this library's collectives (default 600)."""
+    return _TIMEOUT_S
 
 
 def _dtensor_type() -> type | None:
@@ -139,8 +175,26 @@ def any_across_ranks(flags: Tensor, like: Tensor) -> Tensor:
         group = mesh.get_group() if mesh.ndim == 1 else None
     else:  # ZeRO-3: the group its parameters are partitioned over
         group = getattr(like, "ds_process_group", None)
+    from datetime import timedelta
+
     as_int = flags.to(device=local(like).device, dtype=torch.int32)
-    dist.all_reduce(as_int, op=dist.ReduceOp.MAX, group=group)
+    work = dist.all_reduce(as_int, op=dist.ReduceOp.MAX, group=group, async_op=True)
+    timeout = _TIMEOUT_S
+    try:
+        # A bounded wait: a dead or stuck peer raises here instead of after the
+        # process group's timeout (30 minutes by default).
+        done = work.wait(timeout=timedelta(seconds=timeout))
+    except Exception as err:
+        raise PeerTimeoutError(
+            f"the cross-rank non-finite check did not complete within {timeout:g} s: a peer "
+            f"is dead or stuck ({type(err).__name__}: {str(err)[:200]}); see "
+            "emaweights.distributed.set_timeout"
+        ) from err
+    if done is False:  # pragma: no cover - backends that report a timeout by returning False
+        raise PeerTimeoutError(
+            f"the cross-rank non-finite check did not complete within {timeout:g} s: "
+            "a peer is dead or stuck; see emaweights.distributed.set_timeout"
+        )
     return as_int.cpu().bool()
 
 

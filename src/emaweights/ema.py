@@ -43,6 +43,7 @@ from emaweights.averager import (
     NonFiniteError,
     NonFinitePolicy,
     SwapError,
+    _short,
     is_plain,
     load_into,
     positive_int,
@@ -278,20 +279,20 @@ def _parse_ema_fields(state: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("EMA state lacks the fields ['init_weight']")
     w0 = state["init_weight"]
     if isinstance(w0, bool) or not isinstance(w0, (int, float)) or not 0.0 <= w0 <= 1.0:
-        raise ValueError(f"saved init_weight must be a number in [0, 1], got {str(w0)[:80]}")
+        raise ValueError(f"saved init_weight must be a number in [0, 1], got {_short(w0)}")
     config = state["config"]
     if not isinstance(config.get("schedule"), Mapping):
-        raise ValueError(f"saved config is malformed: {str(config)[:200]}")
+        raise ValueError(f"saved config is malformed: {_short(config)}")
     try:
         schedule = schedule_from_dict(dict(config["schedule"]))
     except (TypeError, ValueError) as err:
         raise ValueError(f"saved schedule is invalid: {str(err)[:200]}") from err
     anchor, nonfinite = config.get("anchor"), config.get("nonfinite", "check")
     if not is_plain(anchor, str, "init", "debiased"):
-        raise ValueError(f"saved anchor must be 'init' or 'debiased', got {str(anchor)[:80]}")
+        raise ValueError(f"saved anchor must be 'init' or 'debiased', got {_short(anchor)}")
     if not is_plain(nonfinite, str, "check", "raise", "skip"):
         raise ValueError(
-            f"saved nonfinite must be 'check', 'raise' or 'skip', got {str(nonfinite)[:80]}"
+            f"saved nonfinite must be 'check', 'raise' or 'skip', got {_short(nonfinite)}"
         )
     return {
         "init_weight": float(w0),

@@ -189,7 +189,15 @@ def _check_zip_sizes(path: PathLike) -> None:
             return
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        EOFError,
+        KeyError,
+        NotImplementedError,
+    ) as err:
+        # NotImplementedError: a corrupted header can claim a zip version zipfile does not read.
         raise LoadError(f"cannot load {str(path)!r} safely: corrupt zip: {err}") from err
     for info in entries:
         if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:

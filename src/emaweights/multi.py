@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from emaweights.averager import _short, is_plain
 from emaweights.ema import EMA
 from emaweights.schedules import Schedule
 from emaweights.shadow import Shadow, live_on_shadow_device
@@ -193,12 +194,12 @@ class MultiEMA:
             ValueError: not a MultiEMA state, or a different number of decays.
 
         """
-        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
-            raise ValueError(f"not an emaweights MultiEMA state: {str(state)[:80]!r}")
+        if not isinstance(state, Mapping) or not is_plain(state.get("format"), str, _FORMAT):
+            raise ValueError(f"not an emaweights MultiEMA state: {_short(state)}")
         emas = state.get("emas")
         if not isinstance(emas, Sequence) or len(emas) != len(self.emas):
             n = len(emas) if isinstance(emas, Sequence) else emas
-            raise ValueError(f"saved MultiEMA holds {n!r} decays, this one {len(self.emas)}")
+            raise ValueError(f"saved MultiEMA holds {_short(n)} decays, this one {len(self.emas)}")
         # Validate every member before loading any (no backup through state_dict(),
         # which refuses a NaN-poisoned average: a good checkpoint must always recover).
         commits = [e.prepare_load(s, strict) for e, s in zip(self.emas, emas, strict=True)]

@@ -212,9 +212,9 @@ class PostHocEMA:
             "start_step": self.multi[0].start_step,
             "snapshots": self.snapshots,
         }
-        tmp = self.directory / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(self.directory / MANIFEST)  # atomic: a crash never leaves half a manifest
+        # atomic (fsync'ed temporary, rename, folder fsync): a crash never leaves half a manifest
+        with atomic_write(self.directory / MANIFEST) as f:
+            f.write(json.dumps(manifest, indent=1).encode())
 
 
 def _safetensors() -> Any:

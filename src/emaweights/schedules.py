@@ -18,6 +18,7 @@ checkpoints.
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -40,13 +41,33 @@ def _check_offset(value: object) -> int:
     return value
 
 
+# Up to this many steps per update a schedule's decay is the exact product of its
+# per-step decays; past it (a restored state far ahead of its last update, or
+# ``update(step=...)`` jumping) closed forms or a quadrature keep the time bounded.
+_EXACT_STEPS = 1024
+
+
+def _brief(value: object, limit: int = 80) -> str:
+    """A bounded ``repr`` of a value a saved schedule may hold.
+
+    A hostile value (a shared-node DAG) has a repr that never ends; reprlib
+    visits a bounded number of levels and items.
+    """
+    return _REPR.repr(value)[:limit]
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 8, 8, 8
+_REPR.maxstring = _REPR.maxother = 40
+
+
 def _check_decay(value: float, what: str = "decay") -> float:
     """Return ``value`` as a float in [0, 1], or raise naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number in [0, 1], got {value!r}")
+        raise TypeError(f"{what} must be a number in [0, 1], got {_brief(value)}")
     v = float(value)
     if not (0.0 <= v <= 1.0):  # also rejects NaN
-        raise ValueError(f"{what} must be in [0, 1], got {value!r}")
+        raise ValueError(f"{what} must be in [0, 1], got {_brief(value)}")
     return v
 
 
@@ -126,7 +147,9 @@ class HalfLife(Schedule):
             or not isinstance(h, (int, float))
             or not (h > 0 and math.isfinite(h))
         ):
-            raise ValueError(f"half_life must be a positive finite number of steps, got {h!r}")
+            raise ValueError(
+                f"half_life must be a positive finite number of steps, got {_brief(h)}"
+            )
 
     @property
     def decay(self) -> float:
@@ -173,6 +196,26 @@ class Warmup(Schedule):
         t = step + self.offset
         return min(self.decay, (1.0 + t) / (10.0 + t))
 
+    def decay_over(self, start: int, steps: int) -> float:
+        r"""The exact product for short spans; a closed form past ``_EXACT_STEPS``.
+
+        :math:`\beta_t = (1+t)/(10+t)` until it reaches :math:`\beta` at
+        :math:`t^* = \lceil (10\beta - 1)/(1 - \beta) \rceil`, then :math:`\beta`; over
+        :math:`[s, a)` the ramp telescopes to :math:`\prod_{j=1}^{9} (s+j)/(a+j)`, so
+
+        .. math:: \prod_{t=s}^{s+k-1} \beta_t = \prod_{j=1}^{9} \frac{s+j}{a+j}
+                  \; \beta^{\,s+k-a}, \qquad a = \min(\max(t^*, s), s+k).
+        """
+        if steps <= _EXACT_STEPS:
+            return super().decay_over(start, steps)
+        start += self.offset  # the closed form is in the shifted step t + o
+        end = start + steps
+        b = self.decay
+        knee = end if b >= 1.0 else max(0, math.ceil((10.0 * b - 1.0) / (1.0 - b)))
+        a = min(max(knee, start), end)
+        ramp = math.prod((start + j) / (a + j) for j in range(1, 10))
+        return float(ramp * b ** (end - a))
+
 
 @dataclass(frozen=True)
 class PowerWarmup(Schedule):
@@ -205,9 +248,9 @@ class PowerWarmup(Schedule):
 
     def __post_init__(self) -> None:
         if not (self.inv_gamma > 0 and math.isfinite(self.inv_gamma)):
-            raise ValueError(f"inv_gamma must be positive and finite, got {self.inv_gamma!r}")
+            raise ValueError(f"inv_gamma must be positive and finite, got {_brief(self.inv_gamma)}")
         if not (self.power > 0 and math.isfinite(self.power)):
-            raise ValueError(f"power must be positive and finite, got {self.power!r}")
+            raise ValueError(f"power must be positive and finite, got {_brief(self.power)}")
         lo = _check_decay(self.min_decay, "min_decay")
         hi = _check_decay(self.max_decay, "max_decay")
         if lo > hi:
@@ -219,6 +262,50 @@ class PowerWarmup(Schedule):
         t = step + self.offset
         value = 1.0 - float((1.0 + t / self.inv_gamma) ** -self.power)
         return min(self.max_decay, max(self.min_decay, value))
+
+    def decay_over(self, start: int, steps: int) -> float:
+        r"""The exact product over the first ``_EXACT_STEPS`` steps, then a bounded form.
+
+        Past them the clipped ends are powers (:math:`\beta_{min}^n`,
+        :math:`\beta_{max}^n`) and the unclipped middle, where
+        :math:`\log\beta_t` is smooth and slowly varying, is
+        :math:`\exp \int_{a-1/2}^{b-1/2} \log\beta_t \, dt` (midpoint rule,
+        by Simpson's rule in :math:`\log t`): constant time for any span.
+        """
+        if steps <= _EXACT_STEPS:
+            return super().decay_over(start, steps)
+        out = super().decay_over(start, _EXACT_STEPS)
+        s, end = start + self.offset + _EXACT_STEPS, start + self.offset + steps
+        g, p, lo, hi = self.inv_gamma, self.power, self.min_decay, self.max_decay
+
+        def reach(v: float) -> float:  # first t with 1 - (1 + t/g)^-p >= v
+            if v >= 1.0:
+                return math.inf
+            try:
+                return float(g * ((1.0 - v) ** (-1.0 / p) - 1.0))
+            except OverflowError:
+                return math.inf
+
+        t_lo = min(max(math.ceil(min(reach(lo), 2.0**62)), s), end)
+        t_hi = min(max(math.ceil(min(reach(hi), 2.0**62)), t_lo), end)
+        out *= lo ** (t_lo - s) * hi ** (end - t_hi)
+        if t_hi > t_lo and out > 0.0:
+            out *= math.exp(self._log_integral(t_lo - 0.5, t_hi - 0.5))
+        return float(out)
+
+    def _log_integral(self, a: float, b: float, n: int = 2048) -> float:
+        r""":math:`\int_a^b \log(1 - (1+t/\gamma_{inv})^{-p})\,dt` , Simpson in ``log t``."""
+        ua, ub = math.log(a), math.log(b)
+        h = (ub - ua) / n
+
+        def f(u: float) -> float:
+            t = math.exp(u)
+            x = (1.0 + t / self.inv_gamma) ** -self.power
+            return math.log1p(-x) * t if x < 1.0 else -math.inf
+
+        total = f(ua) + f(ub)
+        total += sum((4.0 if i % 2 else 2.0) * f(ua + i * h) for i in range(1, n))
+        return total * h / 3.0
 
 
 @dataclass(frozen=True)
@@ -245,7 +332,7 @@ class PowerFunction(Schedule):
     def __post_init__(self) -> None:
         g = self.gamma
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not (g > -1 and g < 1e6):
-            raise ValueError(f"gamma must be a number > -1, got {g!r}")
+            raise ValueError(f"gamma must be a number > -1, got {_brief(g)}")
 
     def __call__(self, step: int) -> float:
         r"""Return :math:`(t/(t+1))^{\gamma+1}`."""
@@ -269,15 +356,17 @@ def schedule_from_dict(data: dict[str, Any]) -> Schedule:
 
     """
     kind = data.get("kind")
-    cls = _KINDS.get(str(kind))
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None  # never str() a hostile value
     if cls is None:
-        raise ValueError(f"unknown schedule kind {kind!r}; known: {sorted(_KINDS)}")
+        raise ValueError(f"unknown schedule kind {_brief(kind)}; known: {sorted(_KINDS)}")
     names = {f.name for f in fields(cls)}
     args = {k: v for k, v in data.items() if k != "kind"}
     # A field added after the first release may be absent (an older checkpoint): default.
     missing_ok = set(cls.added_fields)
     if not (set(args) <= names and names - set(args) <= missing_ok):
-        raise ValueError(f"schedule {kind!r} expects fields {sorted(names)}, got {sorted(args)}")
+        raise ValueError(
+            f"schedule {kind!r} expects fields {sorted(names)}, got {_brief(list(args))}"
+        )
     return cls(**args)
 
 

@@ -119,3 +119,97 @@ def test_hostile_consolidated_metadata_is_a_load_error(tmp_path: Path, meta: str
     ema = EMA(nn.Linear(3, 2))
     with pytest.raises((io.LoadError, ValueError, KeyError)):
         load_consolidated(ema, path)
+
+
+def test_load_dcp_recovers_a_nan_poisoned_ema(tmp_path: Path) -> None:
+    """A good DCP checkpoint restores an EMA whose average holds NaN (no state_dict() backup)."""
+    saved = _saved(tmp_path / "ck")
+    poisoned = EMA(nn.Linear(3, 2), 0.5)
+    with torch.no_grad():
+        next(iter(poisoned.storage.local_tensors.values())).fill_(float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_dcp(poisoned, tmp_path / "ck")
+    for k, v in saved.shadow.items():
+        assert torch.equal(poisoned.shadow[k], v)
+
+
+def _save_quiet(ema: EMA, folder: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_dcp(ema, folder)
+
+
+def test_save_dcp_replaces_the_folder_whole(tmp_path: Path) -> None:
+    """A second save into the same folder replaces it whole; no sibling is left behind."""
+    ema = _saved(tmp_path / "ck")
+    ema.model.weight.data.add_(1.0)
+    ema.update()
+    _save_quiet(ema, tmp_path / "ck")
+    fresh = EMA(nn.Linear(3, 2), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_dcp(fresh, tmp_path / "ck")
+    assert fresh.step == ema.step == 2
+    assert torch.equal(fresh.shadow["weight"], ema.shadow["weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_killed_save_sibling_is_never_read_and_is_cleaned(tmp_path: Path) -> None:
+    """A killed save's sibling (no commit marker) is never read; the next save removes it."""
+    ema = _saved(tmp_path / "ck")
+    stale = tmp_path / ".ck.0123456789ab.dcp-tmp"
+    stale.mkdir()
+    (stale / ".metadata").write_bytes(b"torn")
+    _save_quiet(ema, tmp_path / "ck")
+    assert not stale.exists()
+
+
+def test_load_between_the_two_renames_finds_the_committed_save(tmp_path: Path) -> None:
+    """Without an atomic exchange a commit is two renames; a load between them gets the new save."""
+    from emaweights import distributed
+
+    old = _saved(tmp_path / "ck")
+    new = _saved(tmp_path / "staged")
+    new.model.weight.data.add_(1.0)
+    new.update()
+    _save_quiet(new, tmp_path / "staged")
+    # The state the two-rename commit passes through: old folder renamed, committed sibling not yet.
+    (tmp_path / "ck").rename(tmp_path / ".ck.aaaaaaaaaaaa.dcp-old")
+    (tmp_path / "staged").rename(tmp_path / ".ck.aaaaaaaaaaaa.dcp-tmp")
+    (tmp_path / ".ck.aaaaaaaaaaaa.dcp-tmp" / distributed._COMMITTED).write_bytes(b"complete\n")
+    fresh = EMA(nn.Linear(3, 2), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_dcp(fresh, tmp_path / "ck")
+    assert fresh.step == new.step != old.step
+    assert torch.equal(fresh.shadow["weight"], new.shadow["weight"])
+
+
+def test_two_rename_fallback_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where renameat2 is missing the fallback commit still leaves exactly the new save."""
+    from emaweights import distributed
+
+    monkeypatch.setattr(distributed, "_exchange", lambda a, b: False)
+    ema = _saved(tmp_path / "ck")
+    ema.update()
+    _save_quiet(ema, tmp_path / "ck")
+    fresh = EMA(nn.Linear(3, 2), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_dcp(fresh, tmp_path / "ck")
+    assert fresh.step == ema.step == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "5", True])
+def test_bad_timeout_refused(tmp_path: Path, bad: object) -> None:
+    """A timeout that is not a positive finite number is refused, naming it; nothing written."""
+    from emaweights.distributed import set_timeout
+
+    ema = EMA(nn.Linear(3, 2), 0.5)
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        save_dcp(ema, tmp_path / "ck", timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        set_timeout(bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "ck").exists()

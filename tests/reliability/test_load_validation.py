@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from emaweights import EMA
+from emaweights.schedules import Constant, HalfLife, PowerFunction, PowerWarmup, Warmup
 from tests._models import mlp, train_step
 from tests.reliability._state import assert_unchanged, snapshot
 
@@ -135,6 +137,33 @@ JUNK = st.one_of(
 )
 
 
+def _dag(depth: int) -> list[Any]:
+    """A nested list whose full repr has 2**depth leaves in a few hundred bytes of pickle."""
+    node: list[Any] = [0]
+    for _ in range(depth):
+        node = [node, node]
+    return node
+
+
+# Hostile classes: shared-node DAGs (a full repr never ends), counters up to the bound,
+# every schedule kind (with a huge step gap, a per-step loop would never end).
+HOSTILE = st.one_of(
+    st.integers(1, 400).map(_dag),
+    st.integers(0, 2**62),
+    st.sampled_from(
+        [
+            Warmup(0.999).to_dict(),
+            PowerWarmup().to_dict(),
+            PowerWarmup(power=0.3, max_decay=1.0).to_dict(),
+            Constant(0.9).to_dict(),
+            HalfLife(10.0).to_dict(),
+            PowerFunction(6.94).to_dict(),
+        ]
+    ),
+)
+COUNTERS = ("step", "last_step", "num_updates", "skipped_updates")
+
+
 def _paths(state: dict[str, Any]) -> list[tuple[str, ...]]:
     """Every field of an EMA state, nested ones included."""
     out: list[tuple[str, ...]] = [(k,) for k in state]
@@ -157,9 +186,15 @@ def mutated_states(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
         holder = state
         for key in path[:-1]:
             holder = holder[key] if isinstance(holder.get(key), dict) else {}
-        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        action = draw(st.sampled_from(["replace", "delete", "add", "hostile", "counters"]))
         if action == "replace":
             holder[path[-1]] = draw(JUNK)
+        elif action == "hostile":
+            holder[path[-1]] = draw(HOSTILE)
+        elif action == "counters":  # far-apart counters, and a schedule that would loop per step
+            state[draw(st.sampled_from(COUNTERS))] = draw(st.integers(0, 2**62))
+            if isinstance(state.get("config"), dict):  # an earlier action may have replaced it
+                state["config"]["schedule"] = draw(HOSTILE.filter(lambda v: isinstance(v, dict)))
         elif action == "delete":
             holder.pop(path[-1], None)
         else:
@@ -177,21 +212,33 @@ def _fuzz(n: int) -> None:
     def run(state: dict[str, Any], strict: bool) -> None:
         TRIED["EMA.load_state_dict"] += 1
         before = snapshot(ema)
+        begin = time.perf_counter()
         try:
             ema.load_state_dict(state, strict=strict)
         except ALLOWED as err:
             assert str(err), "an error without a message"
+            assert len(str(err)) < 4000, "an unbounded error message"
             assert_unchanged(ema, before)
         else:
+            # An accepted state must also update in bounded time (no loop per step).
+            try:
+                ema.update()
+            except ValueError as err:  # the step counter is at its bound
+                assert "step must be" in str(err)
             shadow = [t for t in ema.shadow.values() if t.is_floating_point()]
             assert all(bool(torch.isfinite(t).all()) for t in shadow)
             ema.load_state_dict(base, strict=False)  # back to the base config and values
+        assert time.perf_counter() - begin < 5.0, "a hostile state took unbounded time"
 
     run()
 
 
 def test_fuzz_multi_field_mutations() -> None:
-    """60 states with 1-3 fields replaced, deleted or added: accepted finite, or refused intact."""
+    """60 states, 1-3 fields replaced (junk, DAGs, huge counters, schedules), deleted or added.
+
+    Each is accepted (finite, and it updates in bounded time) or refused intact
+    with a bounded message.
+    """
     _fuzz(FAST)
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from emaweights import EMA
@@ -80,3 +83,42 @@ def test_nonfinite_raise_leaves_step_counter(value: float) -> None:
     assert_unchanged(ema, before)
     with pytest.raises(NonFiniteError, match="step 4"):
         ema.update()
+
+
+# Every way one tensor of the model can change under the EMA: (name, change, refused?).
+def _changes() -> list[tuple[str, Any, bool]]:
+    def set_data(make: Any) -> Any:
+        return lambda t: setattr(t, "data", make(t))
+
+    return [
+        ("double", set_data(lambda t: t.data.double()), True),
+        ("bfloat16", set_data(lambda t: t.data.bfloat16()), True),
+        ("one row", set_data(lambda t: t.data[:1].clone()), True),  # broadcastable, so folded in
+        ("as a column", set_data(lambda t: t.data.reshape(-1, 1).clone()), True),
+        ("new Parameter", None, True),
+        ("same shape, new storage", set_data(lambda t: t.data.clone()), False),
+    ]
+
+
+@settings(max_examples=18, deadline=None, derandomize=True, database=None)
+@given(which=st.integers(0, 10**6), how=st.sampled_from(range(len(_changes()))))
+def test_fuzz_one_tensor_changed(which: int, how: int) -> None:
+    """Any one tensor changed in dtype, device, shape or identity: refused naming it, no effect."""
+    model, ema = trained()
+    names = [n for n, _ in model.named_parameters()]
+    name = names[which % len(names)]
+    kind, change, refused = _changes()[how]
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if change is None:
+        setattr(module, attr, nn.Parameter(getattr(module, attr).detach().clone()))
+    else:
+        change(getattr(module, attr))
+    before = snapshot(ema)
+    if refused:
+        with pytest.raises(RuntimeError, match=re.escape(name)):
+            ema.update()
+        assert_unchanged(ema, before)
+    else:  # a legal change: the update reads the new storage
+        ema.update()
+        assert ema.step == before["counters"][0] + 1, kind
