@@ -26,7 +26,10 @@ the storage's tensor lists.
 from __future__ import annotations
 
 import contextlib
+import math
 import reprlib
+import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -35,15 +38,20 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from emaweights._module import AveragedModule
 from emaweights._naming import canonical_name, collect, unwrap
+from emaweights._sharding import local
 from emaweights.shadow import Shadow, SwapRecord, undo_swap
 
 __all__ = [
+    "AveragedModule",
     "Averager",
     "AveragerProtocol",
+    "EarlyAverageWarning",
     "NonFiniteError",
     "NonFinitePolicy",
     "SwapError",
+    "check_bool",
     "positive_int",
 ]
 
@@ -72,6 +80,28 @@ def positive_int(value: object, what: str, minimum: int = 1, maximum: int = MAX_
             f"{what} must be an integer in [{minimum}, {maximum}], got {_short(value)}"
         )
     return value
+
+
+def check_bool(value: object, what: str, *, allow_none: bool = False) -> None:
+    """Refuse anything but a bool (or ``None`` where allowed), naming the value.
+
+    A string such as ``"yes"`` or ``"false"`` is truthy and would silently mean ``True``.
+    """
+    if isinstance(value, bool) or (allow_none and value is None):
+        return
+    allowed = "True, False or None" if allow_none else "True or False"
+    raise TypeError(f"{what} must be {allowed}, got {_short(value)}")
+
+
+class EarlyAverageWarning(UserWarning):
+    r"""An evaluation used an average that still holds more than half of :math:`\theta_0`.
+
+    Right for fine-tuning (``anchor="init"`` keeps the pre-trained weights on
+    purpose); when training from scratch it means the "average" is mostly the
+    random initialization: pass ``anchor="debiased"`` or a warm-up schedule.
+    Raised once per averager; silence with
+    ``warnings.filterwarnings("ignore", category=EarlyAverageWarning)``.
+    """
 
 
 def _short(value: object, limit: int = 80) -> str:
@@ -151,6 +181,8 @@ class Averager:
         self.skipped_updates = 0  # updates skipped for non-finite weights (nonfinite="skip")
         self._last_step = 0  # optimizer step of the last update (or copy)
         self._signature: tuple[list[Tensor], list[int]] | None = None
+        # Frozen parameters left out (include_frozen=False), watched for being unfrozen.
+        self._dormant: list[Tensor] = []
 
     # -- storage -----------------------------------------------------------
 
@@ -171,10 +203,14 @@ class Averager:
 
         Args:
             step: the optimizer step just taken (1 after the first step). Default:
-                one more than the last call. It must not go backwards.
+                one more than the last call. It must not go backwards; the step
+                already seen again (``update(step=n)`` twice, e.g. once per
+                micro-batch) is a no-op, so no step counts twice.
 
         Raises:
             SwapError: the averaged weights are swapped into the model.
+            TypeError: ``step`` is a model (the averager already holds the
+                model it was made with: call ``update()``).
             ValueError: ``step`` is not an int, or goes backwards.
             RuntimeError: the model changed (dtype, shape, device, a replaced
                 Parameter) since the averager was made; nothing changed.
@@ -232,11 +268,19 @@ class Averager:
     def _tick(self, step: int | None) -> Phase:
         """Advance the clock; say what this step does. Validates everything first."""
         self._refuse_while_applied("update")
+        if isinstance(step, nn.Module):
+            raise TypeError(
+                f"update() takes the optimizer step, not a model (got a {type(step).__name__}): "
+                f"this {type(self).__name__} already tracks the model it was made with; "
+                "call update() (or update(step=n)) after optimizer.step()"
+            )
         new = self.step + 1 if step is None else step
         if isinstance(new, bool) or not isinstance(new, int) or not self.step <= new <= MAX_STEP:
             raise ValueError(
                 f"step must be an int >= the last step ({self.step}), got {_short(step)}"
             )
+        if step is not None and new == self.step:
+            return "wait"  # this step is already folded in: never count it twice
         self._check_signature()
         self.step = new
         if new <= self.start_step:
@@ -274,10 +318,12 @@ class Averager:
             sig is not None
             and ptrs == sig[1]
             and all(a is b for a, b in zip(now, sig[0], strict=True))
+            and not any(p.requires_grad for p in self._dormant)  # nothing unfrozen
         ):
             return
         self._check_model()
-        self._signature = (now, ptrs)
+        now = [e.get() for e in self._shadow.entries.values()]  # tensors may have joined
+        self._signature = (now, [t.data_ptr() for t in now])
 
     def _on_copy(self) -> None:
         """Before ``start_step``: the storage follows the live weights."""
@@ -300,14 +346,45 @@ class Averager:
         options = getattr(self, "_options", None)
         if options is None:
             return
-        now = {e.name for e in collect(self.model, **options)}
-        added = sorted(now - set(self._shadow.names()))
-        if added:
-            raise RuntimeError(
-                f"the model gained tensors after the averager was made: {added[:10]}"
-                + (f" and {len(added) - 10} more" if len(added) > 10 else "")
-                + "; make a new averager (or call register()) to average them"
-            )
+        entries = collect(self.model, **options)
+        if {e.name for e in entries} - set(self._shadow.names()):
+            self._join({e.name for e in entries} | set(self._shadow.names()))
+        if not options.get("include_frozen", False):
+            tracked = {id(e.get()) for e in self._shadow.entries.values()}
+            self._dormant = [
+                p
+                for p in unwrap(self.model).parameters()
+                if id(p) not in tracked and not p.requires_grad
+            ]
+
+    def _join(self, names: set[str]) -> None:
+        r"""Let tensors that became tracked (unfrozen, or added) join the average.
+
+        Each new tensor starts from its current value,
+        :math:`\bar\theta^{new}_t = \theta^{new}_t`, and is averaged from the
+        next update on; every tensor already tracked keeps its average, and the
+        counters are unchanged. The storages are rebuilt in the order a fresh
+        averager would use (so a checkpoint matches one made on the unfrozen
+        model, bit for bit).
+        """
+        options = {**getattr(self, "_options", {}), "include_frozen": True}
+        entries = [e for e in collect(self.model, **options) if e.name in names]
+        for key, old in self._storages().items():
+            old.flush_()
+            new = Shadow(entries, **storage_options(old))
+            with torch.no_grad():
+                for name, value in old.local_tensors.items():
+                    new.local_tensors[name].copy_(value)
+            self._replace_storage(key, new)
+        self._signature = None
+
+    def _replace_storage(self, key: str, storage: Shadow) -> None:
+        """Put ``storage`` where :meth:`_storages` found the one under ``key``.
+
+        The default covers ``"shadow"`` (:attr:`_shadow`) and ``"<key>"`` stored
+        as ``_<key>``; an averager keeping a storage elsewhere overrides this.
+        """
+        setattr(self, "_shadow" if key == "shadow" else f"_{key}", storage)
 
     def _check_finite(self, what: str) -> None:
         bad = self._shadow.nonfinite_names()
@@ -346,6 +423,7 @@ class Averager:
         self._refuse_while_applied("apply_shadow")
         self._check_model()
         self._check_finite("apply_shadow")
+        self._warn_if_early("applied()")
         record = self._shadow.swap_in()
         _OWNERS.setdefault(unwrap(self.model), []).append(record)
         self._swap = record
@@ -408,9 +486,121 @@ class Averager:
     # -- results -----------------------------------------------------------
 
     @property
-    def shadow(self) -> dict[str, Tensor]:
-        """The averaged tensors by canonical name (views into the storage)."""
-        return self._shadow.state()
+    def shadow(self) -> Mapping[str, Tensor]:
+        """The averaged tensors by canonical name: a read-only mapping of views into the storage.
+
+        Assigning to it (``averager.shadow["w"] = t``) raises ``TypeError``; to
+        change the average, use :meth:`load_state_dict`.
+        """
+        return types.MappingProxyType(self._shadow.state())
+
+    @property
+    def module(self) -> AveragedModule:
+        """A module that computes with the averaged weights, beside the live model.
+
+        ``teacher = averager.module`` then ``teacher(x)`` runs the model's
+        forward over the averaged tensors (``torch.func.functional_call``), in
+        evaluation mode, without swapping them into the model and without a
+        copy of the weights (a shadow of another dtype or device than the model
+        is cast per call, freed after it). It reads the storage at every call, so
+        it follows every :meth:`update` and load; it has no parameters of its
+        own and cannot be trained (see :class:`AveragedModule`). The same
+        object is returned every time, so ``torch.compile(averager.module)``
+        compiles once.
+        """
+        cached: AveragedModule | None = getattr(self, "_module", None)
+        if cached is None:
+            cached = AveragedModule(self)
+            self._module = cached
+        return cached
+
+    # -- observability -----------------------------------------------------
+
+    @property
+    def decay(self) -> float | None:
+        r"""The decay :math:`\beta_t` of the latest optimizer step (``None``: no single decay)."""
+        return None
+
+    @property
+    def horizon(self) -> float | None:
+        r"""The effective horizon in optimizer steps, :math:`1 / (1 - \beta_t)`.
+
+        About how many recent steps the average spans (its weights decay by
+        :math:`1/e` over that many steps); ``inf`` for a decay of 1, ``None``
+        for an averager without a single decay.
+        """
+        decay = self.decay
+        if decay is None:
+            return None
+        return math.inf if decay >= 1.0 else 1.0 / (1.0 - decay)
+
+    @torch.no_grad()
+    def drift(self) -> Tensor:
+        r"""The drift norm :math:`\|\theta - \bar\theta\| / \|\bar\theta\|` of live and average.
+
+        Over the averaged parameters (buffers left out), in float32, as a
+        0-d tensor on the storage's device: nothing waits for the device until
+        you read it (``float(averager.drift())`` syncs). Sharded parameters
+        count this rank's shard only.
+        """
+        self._shadow.flush_()
+        params = [
+            (e, v)
+            for n, e in self._shadow.entries.items()
+            if e.kind == "param"
+            for v in [self._shadow.local_tensors[n]]
+        ]
+        if not params:
+            return torch.zeros(())
+        home = params[0][1].device
+        diff, norm = [], []
+        for e, v in params:
+            live = local(e.get()).detach().to(v.device)
+            diff.append(torch.linalg.vector_norm(live.float() - v.float()).square().to(home))
+            norm.append(torch.linalg.vector_norm(v.float()).square().to(home))
+        return (torch.stack(diff).sum() / torch.stack(norm).sum()).sqrt()
+
+    def stats(self, drift: bool = False) -> dict[str, float | Tensor]:
+        """What to log about the averager, by name.
+
+        ``step``, ``num_updates``, and where defined ``decay``, ``horizon`` and
+        ``init_weight`` (plain floats, no device sync); with ``drift`` also
+        :meth:`drift` (a tensor).
+        """
+        out: dict[str, float | Tensor] = {
+            "step": float(self.step),
+            "num_updates": float(self.num_updates),
+        }
+        decay = self.decay
+        if decay is not None:
+            out["decay"] = decay
+            out["horizon"] = self.horizon  # type: ignore[assignment]
+        init = getattr(self, "init_weight", None)
+        if isinstance(init, (int, float)) and not isinstance(init, bool):
+            out["init_weight"] = float(init)
+        if drift:
+            out["drift"] = self.drift()
+        return out
+
+    def _warn_if_early(self, what: str) -> None:
+        r"""Warn once when an evaluation uses an average still mostly :math:`\theta_0`."""
+        init = getattr(self, "init_weight", None)
+        if (
+            getattr(self, "_warned_early", False)
+            or not isinstance(init, float)
+            or init <= 0.5
+            or self.num_updates == 0  # nothing averaged yet: the average is the live start
+        ):
+            return
+        self._warned_early = True
+        warnings.warn(
+            f"{type(self).__name__}.{what}: after {self.num_updates} updates the average "
+            f"still holds {init:.0%} of the starting weights (init_weight={init:.3g}). Right "
+            "for fine-tuning (anchor='init' keeps the pre-trained weights); when training "
+            "from scratch pass anchor='debiased' or a warm-up schedule",
+            EarlyAverageWarning,
+            stacklevel=3,
+        )
 
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Write the averaged weights into ``model`` (default: the averager's own) for good.
@@ -424,6 +614,7 @@ class Averager:
 
         self._refuse_while_applied("copy_to")
         self._check_finite("copy_to")
+        self._warn_if_early("copy_to()")
         if model is None or unwrap(model) is unwrap(self.model):
             reshard(self.model)  # FSDP2: else the next forward reuses gathered live tensors
             self._shadow.copy_to_live_()
@@ -439,6 +630,7 @@ class Averager:
         device and owns its memory.
         """
         self._check_finite("averaged_state_dict")
+        self._warn_if_early("averaged_state_dict()")
         averaged = self._shadow.state()
         by_identity = {id(e.get()): n for n, e in self._shadow.entries.items()}
         out = {}
@@ -556,6 +748,19 @@ class Averager:
             f"start_step={self.start_step}, tensors={len(self._shadow.tensors)}, "
             f"step={self.step}, num_updates={self.num_updates})"
         )
+
+
+def storage_options(shadow: Shadow) -> dict[str, Any]:
+    """The keyword arguments that rebuild a storage like ``shadow`` (for tensors joining)."""
+    kernels = [g.kernel for g in shadow.averaged if g.kernel is not None]
+    return {
+        "dtype": shadow.dtype,
+        "device": shadow.device,
+        "foreach": shadow.foreach,
+        "rounding": shadow.rounding,
+        "overlap": any(k.overlap for k in kernels),
+        "compiled": any(k.compiled for k in kernels),
+    }
 
 
 def _refuse_step(optimizer: torch.optim.Optimizer, swapped: set[int]) -> None:

@@ -40,7 +40,9 @@ from typing import Any, Literal
 
 from torch import nn
 
+from emaweights.averager import check_bool
 from emaweights.ema import EMA, SwapError
+from emaweights.integrations._adapter import stats_to_log
 from emaweights.integrations._require import require
 from emaweights.io import load_state, save_state
 from emaweights.schedules import Schedule
@@ -99,7 +101,7 @@ def prepare_ema(
     return ema
 
 
-def update(ema: EMA, accelerator: Any) -> bool:
+def update(ema: EMA, accelerator: Any, *, log_stats: bool = False, log_drift: bool = False) -> bool:
     """Update the average if this micro-batch ended with an optimizer step.
 
     Under ``accelerator.accumulate`` the optimizer steps only when
@@ -108,13 +110,25 @@ def update(ema: EMA, accelerator: Any) -> bool:
     fp16 grad scaler skipped still counts (the weights did not move, and the
     decay applies), as in the Trainer integrations.
 
+    Args:
+        ema: the averager.
+        accelerator: the ``accelerate.Accelerator``.
+        log_stats: after an update, ``accelerator.log`` the averager's
+            :meth:`~emaweights.averager.Averager.stats` as ``ema/<key>`` at
+            ``step=ema.step`` (to every tracker of ``log_with``; a no-op without one).
+        log_drift: also log the drift norm (one host sync per update).
+
     Returns:
         Whether the average was updated.
 
     """
+    check_bool(log_stats, "log_stats")
+    check_bool(log_drift, "log_drift")
     if not accelerator.sync_gradients:
         return False
     ema.update()
+    if log_stats or log_drift:
+        accelerator.log(stats_to_log(ema, "ema", drift=log_drift, host=True), step=ema.step)
     return True
 
 
