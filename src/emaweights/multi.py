@@ -144,6 +144,10 @@ class MultiEMA:
         r"""Weight on the starting weights, :math:`P^{(i)}_T`, per decay."""
         return [e.init_weight for e in self.emas]
 
+    def stats(self, drift: bool = False) -> dict[str, Any]:
+        """Every member's :meth:`~emaweights.averager.Averager.stats`, as ``<key>/<index>``."""
+        return {f"{k}/{i}": v for i, e in enumerate(self.emas) for k, v in e.stats(drift).items()}
+
     @torch.no_grad()
     def update(self, step: int | None = None) -> None:
         """Fold the current weights into every average; call after ``optimizer.step()``.
