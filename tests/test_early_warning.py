@@ -39,7 +39,7 @@ def _early(ema: EMA, use: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("use", ["applied", "copy_to", "module", "export"])
 def test_warns_once_when_the_average_is_mostly_the_start(use: str, tmp_path: Path) -> None:
-    """With anchor='init' after 10 steps at 0.99 (init_weight 0.90) every evaluation path warns, once."""
+    """anchor='init', 10 steps at 0.99 (init_weight 0.90): every evaluation path warns, once."""
     _, ema = _run(10)
     assert ema.init_weight > 0.5
     with warnings.catch_warnings(record=True) as caught:

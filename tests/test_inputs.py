@@ -65,7 +65,7 @@ def test_exclude_pattern_matching_nothing_warns_naming_it() -> None:
 def test_multi_ema_index_out_of_range_names_index_and_count(use: str) -> None:
     """MultiEMA(…, 2 decays).applied(5) etc. raise IndexError naming 5 and the count 2."""
     multi = MultiEMA(mlp(), [0.9, 0.99])
-    with pytest.raises(IndexError, match="index 5 .*holds 2 decays"):
+    with pytest.raises(IndexError, match=r"index 5 .*holds 2 decays"):
         if use == "applied":
             multi.applied(5).__enter__()
         elif use == "getitem":

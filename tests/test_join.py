@@ -42,7 +42,7 @@ def _oracle(history: list[dict[str, torch.Tensor]], start: int) -> torch.Tensor:
 
 
 def test_unfrozen_layer_joins_from_its_current_value_and_the_rest_keeps_averaging() -> None:
-    """After unfreezing, the new layer averages from its value then; the adapter's average goes on."""
+    """An unfrozen layer averages from its value then; the adapter's average goes on."""
     model = _backbone_and_adapter()
     ema = EMA(model, DECAY)
     assert set(ema.shadow) == {"2.weight", "2.bias"}
@@ -73,7 +73,7 @@ def test_register_still_restarts_everything() -> None:
 
 
 def test_resume_after_joining_is_bitwise() -> None:
-    """A state saved after a layer joined resumes bit for bit in an EMA made on the unfrozen model."""
+    """A state saved after a join resumes bit for bit in an EMA made on the unfrozen model."""
     model = _backbone_and_adapter()
     ema = EMA(model, DECAY)
     for t in range(1, 4):
@@ -137,5 +137,5 @@ def test_changed_shape_is_still_refused() -> None:
     model = _backbone_and_adapter()
     ema = EMA(model, DECAY)
     model[2].weight = nn.Parameter(torch.zeros(2, 9))
-    with pytest.raises(RuntimeError, match="2.weight"):
+    with pytest.raises(RuntimeError, match=r"2\.weight"):
         ema.update()

@@ -100,7 +100,7 @@ def test_module_refuses_training() -> None:
 
 
 def test_module_inside_a_parent_module_keeps_parent_parameters_clean() -> None:
-    """A student holding the teacher module: its parameters are the student's only, .train() works."""
+    """A parent holding the teacher: its parameters are the student's only; .train() works."""
     model, ema, _ = _trained()
 
     class Pair(nn.Module):
@@ -156,7 +156,7 @@ def test_module_of_a_multi_ema_member() -> None:
 
 
 def test_mean_teacher_step_trains_the_student_only() -> None:
-    """A consistency loss against the teacher gives gradients to the student, none to the average."""
+    """A consistency loss against the teacher trains the student and leaves the average."""
     model, ema, opt = _trained()
     before = {k: v.clone() for k, v in ema.shadow.items()}
     x = torch.randn(8, 6)

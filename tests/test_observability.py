@@ -24,7 +24,7 @@ def _run(steps: int, **options: object) -> tuple[torch.nn.Module, EMA]:
 
 
 def test_decay_and_horizon_of_a_constant() -> None:
-    """decay is the constant; horizon is 1 / (1 - decay) optimizer steps, also with update_every."""
+    """The decay is the constant; horizon is 1 / (1 - decay) steps, also with update_every."""
     _, ema = _run(4, decay=0.9, update_every=2)
     assert ema.decay == 0.9
     assert ema.horizon == pytest.approx(10.0)
