@@ -139,3 +139,16 @@ def test_changed_shape_is_still_refused() -> None:
     model[2].weight = nn.Parameter(torch.zeros(2, 9))
     with pytest.raises(RuntimeError, match=r"2\.weight"):
         ema.update()
+
+
+def test_a_module_added_later_joins_at_the_next_evaluation() -> None:
+    """A head added after the averager was made joins at applied(), from its value then."""
+    model = _backbone_and_adapter()
+    ema = EMA(model, DECAY)
+    _step(model, 1)
+    ema.update()
+    model.append(nn.Linear(2, 2))
+    with ema.applied():
+        pass
+    assert torch.equal(ema.shadow["3.weight"], model[3].weight)
+    assert ema.num_updates == 1

@@ -112,6 +112,16 @@ def test_module_inside_a_parent_module_keeps_parent_parameters_clean() -> None:
     pair = Pair().train()
     assert {id(p) for p in pair.parameters()} == {id(p) for p in model.parameters()}
     assert not pair.teacher.training
+    assert all(k.startswith("student.") for k in pair.state_dict())
+
+
+def test_module_uses_live_values_of_tensors_not_averaged() -> None:
+    """An excluded parameter is the live one inside the module, as under applied()."""
+    model, ema, _ = _trained(exclude=["3.*"])
+    x = torch.randn(5, 6)
+    ref = _reference(model, ema)
+    ref[3].load_state_dict(model[3].state_dict())
+    assert torch.equal(ema.module(x), ref(x))
 
 
 def test_module_with_an_fp32_shadow_of_a_bf16_model_matches_applied() -> None:
