@@ -141,14 +141,29 @@ def test_changed_shape_is_still_refused() -> None:
         ema.update()
 
 
-def test_a_module_added_later_joins_at_the_next_evaluation() -> None:
-    """A head added after the averager was made joins at applied(), from its value then."""
+def test_a_module_added_later_is_still_refused() -> None:
+    """Only parameters frozen when the averager was made join; an added module raises, naming it."""
     model = _backbone_and_adapter()
     ema = EMA(model, DECAY)
     _step(model, 1)
     ema.update()
     model.append(nn.Linear(2, 2))
-    with ema.applied():
-        pass
-    assert torch.equal(ema.shadow["3.weight"], model[3].weight)
-    assert ema.num_updates == 1
+    with pytest.raises(RuntimeError, match=r"gained tensors.*3\.weight"):
+        with ema.applied():
+            pass
+
+
+def test_unfrozen_before_the_first_update_joins_too() -> None:
+    """A layer unfrozen between creation and the first update joins there, from its value then."""
+    model = _backbone_and_adapter()
+    ema = EMA(model, DECAY)
+    model[1].requires_grad_(True)
+    _step(model, 1)
+    ema.update()
+    assert torch.equal(ema.shadow["1.weight"], model[1].weight)
+    joined = model[1].weight.detach().clone()
+    _step(model, 2)
+    ema.update()
+    torch.testing.assert_close(
+        ema.shadow["1.weight"], DECAY * joined + (1 - DECAY) * model[1].weight.detach()
+    )

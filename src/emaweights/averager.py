@@ -347,15 +347,34 @@ class Averager:
         if options is None:
             return
         entries = collect(self.model, **options)
-        if {e.name for e in entries} - set(self._shadow.names()):
-            self._join({e.name for e in entries} | set(self._shadow.names()))
-        if not options.get("include_frozen", False):
-            tracked = {id(e.get()) for e in self._shadow.entries.values()}
-            self._dormant = [
-                p
-                for p in unwrap(self.model).parameters()
-                if id(p) not in tracked and not p.requires_grad
-            ]
+        tracked = set(self._shadow.names())
+        dormant = {id(p) for p in self._dormant}
+        unfrozen = [e for e in entries if e.name not in tracked and id(e.get()) in dormant]
+        added = sorted(
+            e.name for e in entries if e.name not in tracked and id(e.get()) not in dormant
+        )
+        if added:
+            raise RuntimeError(
+                f"the model gained tensors after the averager was made: {added[:10]}"
+                + (f" and {len(added) - 10} more" if len(added) > 10 else "")
+                + "; make a new averager (or call register()) to average them"
+            )
+        if unfrozen:
+            self._join(tracked | {e.name for e in unfrozen})
+        self._watch_frozen()
+
+    def _watch_frozen(self) -> None:
+        """Remember the frozen parameters left out, to notice when one is unfrozen (cheap)."""
+        options = getattr(self, "_options", None)
+        if options is None or options.get("include_frozen", False):
+            self._dormant = []
+            return
+        tracked = {id(e.get()) for e in self._shadow.entries.values()}
+        self._dormant = [
+            p
+            for p in unwrap(self.model).parameters()
+            if id(p) not in tracked and not p.requires_grad
+        ]
 
     def _join(self, names: set[str]) -> None:
         r"""Let tensors that became tracked (unfrozen, or added) join the average.

@@ -215,6 +215,7 @@ class EMA(Averager):
         )
         self._reset_clock()
         self._init_product = 1.0  # P_T: the product of the decays of every update
+        self._watch_frozen()  # frozen now: may join the average once unfrozen
 
     # -- the rule --------------------------------------------------------
 

@@ -57,7 +57,7 @@ def test_lightning_logs_nothing_by_default() -> None:
 
 
 def test_transformers_adds_stats_to_the_logs(tmp_path: Path) -> None:
-    """Trainer callback with log_stats=True: on_log adds ema/* floats to the logs and the history."""
+    """Trainer callback, log_stats=True: on_log adds ema/* floats to the logs and the history."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from emaweights.integrations.transformers import EMACallback
@@ -82,7 +82,7 @@ def test_transformers_adds_stats_to_the_logs(tmp_path: Path) -> None:
 
 
 def test_accelerate_update_logs_to_trackers() -> None:
-    """update(ema, accelerator, log_stats=True) calls accelerator.log with ema/* floats at the step."""
+    """update(..., log_stats=True) calls accelerator.log with ema/* floats at the step."""
     accelerate = pytest.importorskip("accelerate")
     from emaweights.integrations.accelerate import prepare_ema, update
 
@@ -108,5 +108,5 @@ def test_accelerate_prepare_ema_refuses_bad_options(decay: float, options: dict[
 
     accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = accelerate.Accelerator(cpu=True)
-    with pytest.raises((ValueError, TypeError), match="1.5|foreahc"):
+    with pytest.raises((ValueError, TypeError), match=r"1\.5|foreahc"):
         prepare_ema(accelerator, nn.Linear(2, 2), decay, **options)
