@@ -629,16 +629,22 @@ class Averager:
             KeyError: ``model`` lacks some averaged tensor (names listed).
 
         """
+        self._refuse_while_applied("copy_to")
+        self._check_finite("copy_to")
+        self._warn_if_early("copy_to()")
+        self._copy_to(model)
+
+    def _copy_to(self, model: nn.Module | None = None) -> None:
+        """:meth:`copy_to` without the early-average warning (a method's own switch)."""
         from emaweights._sharding import reshard
 
         self._refuse_while_applied("copy_to")
         self._check_finite("copy_to")
-        self._warn_if_early("copy_to()")
         if model is None or unwrap(model) is unwrap(self.model):
             reshard(self.model)  # FSDP2: else the next forward reuses gathered live tensors
             self._shadow.copy_to_live_()
             return
-        load_into(model, self.averaged_state_dict())
+        load_into(model, self._averaged_state_dict())
 
     def averaged_state_dict(self) -> dict[str, Tensor]:
         """A plain model state dict (canonical names) holding the averaged weights.
@@ -650,6 +656,10 @@ class Averager:
         """
         self._check_finite("averaged_state_dict")
         self._warn_if_early("averaged_state_dict()")
+        return self._averaged_state_dict()
+
+    def _averaged_state_dict(self) -> dict[str, Tensor]:
+        """:meth:`averaged_state_dict` without the checks and the warning."""
         averaged = self._shadow.state()
         by_identity = {id(e.get()): n for n, e in self._shadow.entries.items()}
         out = {}

@@ -108,8 +108,10 @@ def test_bad_checkpointing_choice_names_value() -> None:
 
 
 def test_load_state_without_the_ema_file_warns_and_starts_afresh(tmp_path: Path) -> None:
-    """load_state of a folder without the EMA file warns; the average restarts from the restored
-    weights at step 0, as the Lightning and Trainer callbacks do."""
+    """Without the EMA file load_state warns; the average restarts from the restored weights.
+
+    At step 0, as the Lightning and Trainer callbacks do.
+    """
     accelerator, model, opt, loader, ema, _ = _setup(0, checkpointing="none")
     _epoch(accelerator, model, opt, loader, ema)
     accelerator.save_state(str(tmp_path / "plain"))
