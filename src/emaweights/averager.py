@@ -204,8 +204,10 @@ class Averager:
         Args:
             step: the optimizer step just taken (1 after the first step). Default:
                 one more than the last call. It must not go backwards; the step
-                already seen again (``update(step=n)`` twice, e.g. once per
-                micro-batch) is a no-op, so no step counts twice.
+                already seen again (``update(step=n)`` twice with ``n >= 1``,
+                e.g. once per micro-batch) is a no-op, so no step counts twice.
+                ``update(step=0)`` copies the live weights, as every step up to
+                ``start_step`` does.
 
         Raises:
             SwapError: the averaged weights are swapped into the model.
@@ -279,7 +281,7 @@ class Averager:
             raise ValueError(
                 f"step must be an int >= the last step ({self.step}), got {_short(step)}"
             )
-        if step is not None and new == self.step:
+        if step is not None and new == self.step > 0:
             return "wait"  # this step is already folded in: never count it twice
         self._check_signature()
         self.step = new
