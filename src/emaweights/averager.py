@@ -379,7 +379,7 @@ class Averager:
         ]
 
     def _join(self, names: set[str]) -> None:
-        r"""Let tensors that became tracked (unfrozen, or added) join the average.
+        r"""Let parameters that were frozen and are trainable now join the average.
 
         Each new tensor starts from its current value,
         :math:`\bar\theta^{new}_t = \theta^{new}_t`, and is averaged from the
@@ -634,14 +634,17 @@ class Averager:
         self._refuse_while_applied("copy_to")
         self._check_finite("copy_to")
         self._warn_if_early("copy_to()")
-        self._copy_to(model)
+        self._write_average(model)
 
     def _copy_to(self, model: nn.Module | None = None) -> None:
         """:meth:`copy_to` without the early-average warning (a method's own switch)."""
-        from emaweights._sharding import reshard
-
         self._refuse_while_applied("copy_to")
         self._check_finite("copy_to")
+        self._write_average(model)
+
+    def _write_average(self, model: nn.Module | None) -> None:
+        from emaweights._sharding import reshard
+
         if model is None or unwrap(model) is unwrap(self.model):
             reshard(self.model)  # FSDP2: else the next forward reuses gathered live tensors
             self._shadow.copy_to_live_()
