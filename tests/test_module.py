@@ -177,3 +177,26 @@ def test_mean_teacher_step_trains_the_student_only() -> None:
     assert all(p.grad is not None for p in model.parameters())
     opt.step()
     assert all(torch.equal(before[k], v) for k, v in ema.shadow.items())
+
+
+@pytest.mark.parametrize("anchor", ["init", "debiased"])
+def test_compiled_module_compiles_once_across_updates(anchor: str) -> None:
+    """torch.compile(averager.module) builds one graph, reused after every update."""
+    model = _model()
+    ema = EMA(model, 0.8, anchor=anchor)  # type: ignore[arg-type]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    graphs: list[object] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: object) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(ema.module, backend=backend)
+    x = torch.randn(5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anchor="init": the early-average warning
+        for i in range(4):
+            train_step(model, opt, i)
+            ema.update()
+            assert torch.equal(compiled(x), _reference(model, ema)(x))
+    assert len(graphs) == 1

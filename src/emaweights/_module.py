@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -61,6 +62,7 @@ class AveragedModule(nn.Module):
         object.__setattr__(self, "_averager", averager)
         object.__setattr__(self, "_names", None)
         self.training = False
+        self._tensors()  # build the name table now: a compiled forward then sees one path
 
     def train(self, mode: bool = True) -> AveragedModule:
         """Stay in evaluation mode (the averaged model is never trained); return self."""
@@ -104,7 +106,7 @@ class AveragedModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model's forward with the averaged weights, in evaluation mode."""
         averager = self._averager
-        averager._warn_if_early("module")
+        _warn_if_early(averager)
         model = unwrap(averager.model)
         tensors = self._tensors()
         modes = [(m, m.training) for m in model.modules()]
@@ -119,3 +121,9 @@ class AveragedModule(nn.Module):
     def extra_repr(self) -> str:
         """Name the averager (its repr is bounded)."""
         return repr(self._averager)
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _warn_if_early(averager: Averager) -> None:
+    """The early-average check, outside any compiled graph (it reads floats that change)."""
+    averager._warn_if_early("module")
