@@ -16,11 +16,11 @@ every call, the module follows every update and every load.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from emaweights._naming import canonical_name, unwrap
 
@@ -105,8 +105,13 @@ class AveragedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model's forward with the averaged weights, in evaluation mode."""
+        from torch.func import functional_call  # deferred: keeps `import emaweights` light
+
         averager = self._averager
-        _warn_if_early(averager)
+        if torch.compiler.is_compiling():
+            _outside_graph(averager)
+        else:
+            averager._warn_if_early("module")
         model = unwrap(averager.model)
         tensors = self._tensors()
         modes = [(m, m.training) for m in model.modules()]
@@ -123,7 +128,21 @@ class AveragedModule(nn.Module):
         return repr(self._averager)
 
 
-@torch.compiler.disable  # type: ignore[untyped-decorator]
-def _warn_if_early(averager: Averager) -> None:
-    """The early-average check, outside any compiled graph (it reads floats that change)."""
+def _outside_graph(averager: Averager) -> None:
+    """The early-average check, kept out of a compiled graph (it reads floats that change).
+
+    Without this, the graph would be guarded on ``init_weight`` and recompiled
+    after updates. ``torch.compiler.disable`` is applied at the first compiled
+    call (it is only reached while compiling, when the compiler is loaded anyway).
+    """
+    global _WARN_OUTSIDE_GRAPH
+    if _WARN_OUTSIDE_GRAPH is None:
+        _WARN_OUTSIDE_GRAPH = torch.compiler.disable(_check_early)  # type: ignore[no-untyped-call]
+    _WARN_OUTSIDE_GRAPH(averager)
+
+
+def _check_early(averager: Averager) -> None:
     averager._warn_if_early("module")
+
+
+_WARN_OUTSIDE_GRAPH: Callable[[Averager], None] | None = None
