@@ -166,3 +166,17 @@ def test_unfrozen_before_the_first_update_joins_too() -> None:
     torch.testing.assert_close(
         ema.shadow["1.weight"], DECAY * joined + (1 - DECAY) * model[1].weight.detach()
     )
+
+
+def test_with_many_frozen_tensors_an_unfrozen_one_joins_within_the_window() -> None:
+    """With n frozen tensors, an unfrozen one joins within ceil(n / 16) updates (docs/ema.md)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(20)], nn.Linear(2, 2))
+    for layer in model[:-1]:
+        layer.requires_grad_(False)  # 40 frozen tensors: a window of 16 per update
+    ema = EMA(model, DECAY)
+    ema.update()
+    model[7].bias.requires_grad_(True)
+    for _ in range(-(-40 // 16)):
+        ema.update()
+    assert "7.bias" in ema.shadow and "7.weight" not in ema.shadow
