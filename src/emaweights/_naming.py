@@ -11,6 +11,7 @@ components that wrappers insert, so a user module that happens to be called
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -18,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["BufferPolicy", "Entry", "canonical_name", "collect", "unwrap"]
+__all__ = ["BufferPolicy", "Entry", "canonical_name", "collect", "unwrap", "warn_unmatched"]
 
 BufferPolicy = Literal["average", "copy", "ignore"]
 Kind = Literal["param", "avg_buffer", "copy_buffer"]
@@ -144,6 +145,23 @@ def collect(
     entries = [e for e in entries if not _matches(e.name, exclude)]
     _check_unique(e.name for e in entries)
     return entries
+
+
+def warn_unmatched(model: nn.Module, patterns: Sequence[str], what: str) -> None:
+    """Warn naming every pattern that matches no parameter or buffer of ``model`` (a typo?)."""
+    if not patterns:
+        return
+    root = unwrap(model)
+    names = [canonical_name(n) for n, _ in root.named_parameters(remove_duplicate=False)]
+    names += [canonical_name(n) for n, _ in root.named_buffers(remove_duplicate=False)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        warnings.warn(
+            f"{what} patterns {unmatched} match no tensor of the model (canonical names such "
+            f"as {names[:3]}); check the spelling",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _join(prefix: str, attr: str) -> str:

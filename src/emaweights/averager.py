@@ -26,8 +26,11 @@ the storage's tensor lists.
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 import reprlib
+import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -36,15 +39,20 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from emaweights._naming import canonical_name, collect, unwrap
+from emaweights._module import AveragedModule
+from emaweights._naming import Entry, canonical_name, collect, unwrap
+from emaweights._sharding import local
 from emaweights.shadow import Shadow, SwapRecord, undo_swap
 
 __all__ = [
+    "AveragedModule",
     "Averager",
     "AveragerProtocol",
+    "EarlyAverageWarning",
     "NonFiniteError",
     "NonFinitePolicy",
     "SwapError",
+    "check_bool",
     "positive_int",
 ]
 
@@ -54,6 +62,9 @@ Phase = Literal["copy", "wait", "skip", "update"]
 # The full (per-tensor) check of the model's tensors runs on the first update and
 # then every this many updates; between, one identity/pointer comparison per tensor.
 _CHECK_EVERY = 100
+# Frozen parameters read per update for being unfrozen (about 0.13 us each on a 2-core CPU).
+_WATCH = 16
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 # Counters above this are refused: no real run gets there, and it keeps loops bounded.
 MAX_STEP = 1 << 62
 
@@ -73,6 +84,28 @@ def positive_int(value: object, what: str, minimum: int = 1, maximum: int = MAX_
             f"{what} must be an integer in [{minimum}, {maximum}], got {_short(value)}"
         )
     return value
+
+
+def check_bool(value: object, what: str, *, allow_none: bool = False) -> None:
+    """Refuse anything but a bool (or ``None`` where allowed), naming the value.
+
+    A string such as ``"yes"`` or ``"false"`` is truthy and would silently mean ``True``.
+    """
+    if isinstance(value, bool) or (allow_none and value is None):
+        return
+    allowed = "True, False or None" if allow_none else "True or False"
+    raise TypeError(f"{what} must be {allowed}, got {_short(value)}")
+
+
+class EarlyAverageWarning(UserWarning):
+    r"""An evaluation used an average that still holds more than half of :math:`\theta_0`.
+
+    Right for fine-tuning (``anchor="init"`` keeps the pre-trained weights on
+    purpose); when training from scratch it means the "average" is mostly the
+    random initialization: pass ``anchor="debiased"`` or a warm-up schedule.
+    Raised once per averager; silence with
+    ``warnings.filterwarnings("ignore", category=EarlyAverageWarning)``.
+    """
 
 
 def _short(value: object, limit: int = 80) -> str:
@@ -153,6 +186,10 @@ class Averager:
         self._last_step = 0  # optimizer step of the last update (or copy)
         # (the modules' tensor tables and names, the tensors, their data pointers)
         self._signature: tuple[list[tuple[Any, str]], list[Tensor], list[int]] | None = None
+        # Frozen parameters left out (include_frozen=False), watched for being unfrozen;
+        # None: not listed yet (an averager that does not call _watch_frozen at creation
+        # gets them at its first full check).
+        self._dormant: list[Tensor] | None = None
 
     # -- storage -----------------------------------------------------------
 
@@ -173,10 +210,16 @@ class Averager:
 
         Args:
             step: the optimizer step just taken (1 after the first step). Default:
-                one more than the last call. It must not go backwards.
+                one more than the last call. It must not go backwards; the step
+                already seen again (``update(step=n)`` twice with ``n >= 1``,
+                e.g. once per micro-batch) is a no-op, so no step counts twice.
+                ``update(step=0)`` copies the live weights, as every step up to
+                ``start_step`` does.
 
         Raises:
             SwapError: the averaged weights are swapped into the model.
+            TypeError: ``step`` is a model (the averager already holds the
+                model it was made with: call ``update()``).
             ValueError: ``step`` is not an int, or goes backwards.
             RuntimeError: the model changed (dtype, shape, device, a replaced
                 Parameter) since the averager was made; nothing changed.
@@ -234,11 +277,19 @@ class Averager:
     def _tick(self, step: int | None) -> Phase:
         """Advance the clock; say what this step does. Validates everything first."""
         self._refuse_while_applied("update")
+        if isinstance(step, nn.Module):
+            raise TypeError(
+                f"update() takes the optimizer step, not a model (got a {type(step).__name__}): "
+                f"this {type(self).__name__} already tracks the model it was made with; "
+                "call update() (or update(step=n)) after optimizer.step()"
+            )
         new = self.step + 1 if step is None else step
         if isinstance(new, bool) or not isinstance(new, int) or not self.step <= new <= MAX_STEP:
             raise ValueError(
                 f"step must be an int >= the last step ({self.step}), got {_short(step)}"
             )
+        if step is not None and new == self.step > 0:
+            return "wait"  # this step is already folded in: never count it twice
         self._check_signature()
         self.step = new
         if new <= self.start_step:
@@ -273,16 +324,36 @@ class Averager:
             # Hot path: one dict lookup, one identity test and one data_ptr per tensor,
             # no per-entry method call (it was a third of a tiny model's update).
             now = [table.get(attr) for table, attr in sig[0]]
-            if all(map(operator.is_, now, sig[1])) and [t.data_ptr() for t in now] == sig[2]:
+            if (
+                all(map(operator.is_, now, sig[1]))
+                and [t.data_ptr() for t in now] == sig[2]
+                and not self._unfrozen()
+            ):
                 return
         self._check_model()
-        entries = list(self._shadow.entries.values())
+        entries = list(self._shadow.entries.values())  # tensors may have joined
         tables = [
             (e.module._parameters if e.kind == "param" else e.module._buffers, e.attr)
             for e in entries
         ]
         tensors = [e.get() for e in entries]
         self._signature = (tables, tensors, [t.data_ptr() for t in tensors])
+
+    def _unfrozen(self) -> bool:
+        """Whether a watched frozen parameter is trainable now (bounded work per update).
+
+        Up to :data:`_WATCH` frozen parameters are read per update, a window
+        that moves with the step, so an unfrozen one is noticed within
+        ``ceil(n / _WATCH)`` updates (at once for ``n <= _WATCH``); every
+        evaluation and every full check also looks at all of them.
+        """
+        dormant = self._dormant or []
+        n = len(dormant)
+        if n <= _WATCH:
+            return any(map(_REQUIRES_GRAD, dormant))
+        start = (self.step * _WATCH) % n
+        window = dormant[start : start + _WATCH] + dormant[: max(0, start + _WATCH - n)]
+        return any(map(_REQUIRES_GRAD, window))
 
     def _on_copy(self) -> None:
         """Before ``start_step``: the storage follows the live weights."""
@@ -305,14 +376,68 @@ class Averager:
         options = getattr(self, "_options", None)
         if options is None:
             return
-        now = {e.name for e in collect(self.model, **options)}
-        added = sorted(now - set(self._shadow.names()))
-        if added:
-            raise RuntimeError(
-                f"the model gained tensors after the averager was made: {added[:10]}"
-                + (f" and {len(added) - 10} more" if len(added) > 10 else "")
-                + "; make a new averager (or call register()) to average them"
-            )
+        if self._dormant is None:
+            self._watch_frozen()
+        entries = collect(self.model, **options)
+        tracked = set(self._shadow.names())
+        new = [e for e in entries if e.name not in tracked]
+        if new:
+            dormant = {id(p) for p in self._dormant or []}
+            added = sorted(e.name for e in new if id(e.get()) not in dormant)
+            if added:
+                raise RuntimeError(
+                    f"the model gained tensors after the averager was made: {added[:10]}"
+                    + (f" and {len(added) - 10} more" if len(added) > 10 else "")
+                    + "; make a new averager (or call register()) to average them"
+                )
+            self._join(tracked | {e.name for e in new})
+            self._watch_frozen()
+        # Unfrozen but not tracked (excluded): stop watching them, or every update would
+        # run this full check.
+        self._dormant = [p for p in self._dormant or [] if not p.requires_grad]
+
+    def _watch_frozen(self) -> None:
+        """Remember the frozen parameters left out, to notice when one is unfrozen (cheap).
+
+        Called when the tracked set is made or grows; the per-update check then
+        reads at most :data:`_WATCH` of them (see :meth:`_unfrozen`).
+        """
+        options = getattr(self, "_options", None)
+        if options is None or options.get("include_frozen", False):
+            self._dormant = []
+            return
+        full = collect(self.model, **{**options, "include_frozen": True})
+        tracked = set(self._shadow.names())
+        self._dormant = [e.get() for e in full if e.name not in tracked and not _tracked_kind(e)]
+
+    def _join(self, names: set[str]) -> None:
+        r"""Let parameters that were frozen and are trainable now join the average.
+
+        Each new tensor starts from its current value,
+        :math:`\bar\theta^{new}_t = \theta^{new}_t`, and is averaged from the
+        next update on; every tensor already tracked keeps its average, and the
+        counters are unchanged. The storages are rebuilt in the order a fresh
+        averager would use (so a checkpoint matches one made on the unfrozen
+        model, bit for bit).
+        """
+        options = {**getattr(self, "_options", {}), "include_frozen": True}
+        entries = [e for e in collect(self.model, **options) if e.name in names]
+        for key, old in self._storages().items():
+            old.flush_()
+            new = Shadow(entries, **storage_options(old))
+            with torch.no_grad():
+                for name, value in old.local_tensors.items():
+                    new.local_tensors[name].copy_(value)
+            self._replace_storage(key, new)
+        self._signature = None
+
+    def _replace_storage(self, key: str, storage: Shadow) -> None:
+        """Put ``storage`` where :meth:`_storages` found the one under ``key``.
+
+        The default covers ``"shadow"`` (:attr:`_shadow`) and ``"<key>"`` stored
+        as ``_<key>``; an averager keeping a storage elsewhere overrides this.
+        """
+        setattr(self, "_shadow" if key == "shadow" else f"_{key}", storage)
 
     def _check_finite(self, what: str) -> None:
         bad = self._shadow.nonfinite_names()
@@ -351,6 +476,7 @@ class Averager:
         self._refuse_while_applied("apply_shadow")
         self._check_model()
         self._check_finite("apply_shadow")
+        self._warn_if_early("applied()")
         record = self._shadow.swap_in()
         _OWNERS.setdefault(unwrap(self.model), []).append(record)
         self._swap = record
@@ -413,9 +539,121 @@ class Averager:
     # -- results -----------------------------------------------------------
 
     @property
-    def shadow(self) -> dict[str, Tensor]:
-        """The averaged tensors by canonical name (views into the storage)."""
-        return self._shadow.state()
+    def shadow(self) -> Mapping[str, Tensor]:
+        """The averaged tensors by canonical name: a read-only mapping of views into the storage.
+
+        Assigning to it (``averager.shadow["w"] = t``) raises ``TypeError``; to
+        change the average, use :meth:`load_state_dict`.
+        """
+        return types.MappingProxyType(self._shadow.state())
+
+    @property
+    def module(self) -> AveragedModule:
+        """A module that computes with the averaged weights, beside the live model.
+
+        ``teacher = averager.module`` then ``teacher(x)`` runs the model's
+        forward over the averaged tensors (``torch.func.functional_call``), in
+        evaluation mode, without swapping them into the model and without a
+        copy of the weights (a shadow of another dtype or device than the model
+        is cast per call, freed after it). It reads the storage at every call, so
+        it follows every :meth:`update` and load; it has no parameters of its
+        own and cannot be trained (see :class:`AveragedModule`). The same
+        object is returned every time, so ``torch.compile(averager.module)``
+        compiles once.
+        """
+        cached: AveragedModule | None = getattr(self, "_module", None)
+        if cached is None:
+            cached = AveragedModule(self)
+            self._module = cached
+        return cached
+
+    # -- observability -----------------------------------------------------
+
+    @property
+    def decay(self) -> float | None:
+        r"""The decay :math:`\beta_t` of the latest optimizer step (``None``: no single decay)."""
+        return None
+
+    @property
+    def horizon(self) -> float | None:
+        r"""The effective horizon in optimizer steps, :math:`1 / (1 - \beta_t)`.
+
+        About how many recent steps the average spans (its weights decay by
+        :math:`1/e` over that many steps); ``inf`` for a decay of 1, ``None``
+        for an averager without a single decay.
+        """
+        decay = self.decay
+        if decay is None:
+            return None
+        return math.inf if decay >= 1.0 else 1.0 / (1.0 - decay)
+
+    @torch.no_grad()
+    def drift(self) -> Tensor:
+        r"""The drift norm :math:`\|\theta - \bar\theta\| / \|\bar\theta\|` of live and average.
+
+        Over the averaged parameters (buffers left out), in float32, as a
+        0-d tensor on the storage's device: nothing waits for the device until
+        you read it (``float(averager.drift())`` syncs). Sharded parameters
+        count this rank's shard only.
+        """
+        self._shadow.flush_()
+        params = [
+            (e, v)
+            for n, e in self._shadow.entries.items()
+            if e.kind == "param"
+            for v in [self._shadow.local_tensors[n]]
+        ]
+        if not params:
+            return torch.zeros(())
+        home = params[0][1].device
+        diff, norm = [], []
+        for e, v in params:
+            live = local(e.get()).detach().to(v.device)
+            diff.append(torch.linalg.vector_norm(live.float() - v.float()).square().to(home))
+            norm.append(torch.linalg.vector_norm(v.float()).square().to(home))
+        return (torch.stack(diff).sum() / torch.stack(norm).sum()).sqrt()
+
+    def stats(self, drift: bool = False) -> dict[str, float | Tensor]:
+        """What to log about the averager, by name.
+
+        ``step``, ``num_updates``, and where defined ``decay``, ``horizon`` and
+        ``init_weight`` (plain floats, no device sync); with ``drift`` also
+        :meth:`drift` (a tensor).
+        """
+        out: dict[str, float | Tensor] = {
+            "step": float(self.step),
+            "num_updates": float(self.num_updates),
+        }
+        decay = self.decay
+        if decay is not None:
+            out["decay"] = decay
+            out["horizon"] = self.horizon  # type: ignore[assignment]
+        init = getattr(self, "init_weight", None)
+        if isinstance(init, (int, float)) and not isinstance(init, bool):
+            out["init_weight"] = float(init)
+        if drift:
+            out["drift"] = self.drift()
+        return out
+
+    def _warn_if_early(self, what: str) -> None:
+        r"""Warn once when an evaluation uses an average still mostly :math:`\theta_0`."""
+        init = getattr(self, "init_weight", None)
+        if (
+            getattr(self, "_warned_early", False)
+            or not isinstance(init, float)
+            or init <= 0.5
+            or self.num_updates == 0  # nothing averaged yet: the average is the live start
+        ):
+            return
+        self._warned_early = True
+        warnings.warn(
+            f"{type(self).__name__}.{what}: after {self.num_updates} updates the average "
+            f"still holds {init:.0%} of the starting weights (init_weight={init:.3g}). Right "
+            "for fine-tuning (anchor='init' keeps the pre-trained weights); when training "
+            "from scratch pass anchor='debiased' or a warm-up schedule",
+            EarlyAverageWarning,
+            stacklevel=3,
+        )
 
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Write the averaged weights into ``model`` (default: the averager's own) for good.
@@ -425,15 +663,25 @@ class Averager:
             KeyError: ``model`` lacks some averaged tensor (names listed).
 
         """
-        from emaweights._sharding import reshard
-
         self._refuse_while_applied("copy_to")
         self._check_finite("copy_to")
+        self._warn_if_early("copy_to()")
+        self._write_average(model)
+
+    def _copy_to(self, model: nn.Module | None = None) -> None:
+        """:meth:`copy_to` without the early-average warning (a method's own switch)."""
+        self._refuse_while_applied("copy_to")
+        self._check_finite("copy_to")
+        self._write_average(model)
+
+    def _write_average(self, model: nn.Module | None) -> None:
+        from emaweights._sharding import reshard
+
         if model is None or unwrap(model) is unwrap(self.model):
             reshard(self.model)  # FSDP2: else the next forward reuses gathered live tensors
             self._shadow.copy_to_live_()
             return
-        load_into(model, self.averaged_state_dict())
+        load_into(model, self._averaged_state_dict())
 
     def averaged_state_dict(self) -> dict[str, Tensor]:
         """A plain model state dict (canonical names) holding the averaged weights.
@@ -444,6 +692,11 @@ class Averager:
         device and owns its memory.
         """
         self._check_finite("averaged_state_dict")
+        self._warn_if_early("averaged_state_dict()")
+        return self._averaged_state_dict()
+
+    def _averaged_state_dict(self) -> dict[str, Tensor]:
+        """:meth:`averaged_state_dict` without the checks and the warning."""
         averaged = self._shadow.state()
         by_identity = {id(e.get()): n for n, e in self._shadow.entries.items()}
         out = {}
@@ -569,6 +822,24 @@ class Averager:
             f"start_step={self.start_step}, tensors={len(self._shadow.tensors)}, "
             f"step={self.step}, num_updates={self.num_updates})"
         )
+
+
+def _tracked_kind(e: Entry) -> bool:
+    """Whether ``collect(include_frozen=False)`` keeps ``e``: a buffer or a trainable parameter."""
+    return e.kind != "param" or e.get().requires_grad
+
+
+def storage_options(shadow: Shadow) -> dict[str, Any]:
+    """The keyword arguments that rebuild a storage like ``shadow`` (for tensors joining)."""
+    kernels = [g.kernel for g in shadow.averaged if g.kernel is not None]
+    return {
+        "dtype": shadow.dtype,
+        "device": shadow.device,
+        "foreach": shadow.foreach,
+        "rounding": shadow.rounding,
+        "overlap": any(k.overlap for k in kernels),
+        "compiled": any(k.compiled for k in kernels),
+    }
 
 
 def _refuse_step(optimizer: torch.optim.Optimizer, swapped: set[int]) -> None:

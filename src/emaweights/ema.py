@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from emaweights._naming import BufferPolicy, collect
+from emaweights._naming import BufferPolicy, collect, warn_unmatched
 from emaweights._sharding import reshard
 from emaweights.averager import (
     Averager,
@@ -44,6 +44,7 @@ from emaweights.averager import (
     NonFinitePolicy,
     SwapError,
     _short,
+    check_bool,
     is_plain,
     load_into,
     positive_int,
@@ -136,7 +137,7 @@ class EMA(Averager):
     """
 
     FORMAT: ClassVar[str] = "emaweights.EMA"
-    CLOCK_FIELDS: ClassVar[tuple[str, ...]] = ("init_weight",)
+    CLOCK_FIELDS: ClassVar[tuple[str, ...]] = ("_init_product",)
 
     def __init__(
         self,
@@ -167,6 +168,8 @@ class EMA(Averager):
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if isinstance(exclude, str):
             raise TypeError(f"exclude must be a sequence of patterns, got the string {exclude!r}")
+        check_bool(include_frozen, "include_frozen")
+        check_bool(foreach, "foreach", allow_none=True)
         self.anchor: Anchor = anchor
         self.model = model
         self._options: dict[str, Any] = dict(
@@ -183,6 +186,7 @@ class EMA(Averager):
             raise TypeError(f"compiled must be a bool, got {compiled!r}")
         self._compiled = compiled
         self.register()
+        warn_unmatched(model, tuple(exclude), "exclude")
 
     # -- set-up ------------------------------------------------------------
 
@@ -211,7 +215,8 @@ class EMA(Averager):
             compiled=self._compiled,
         )
         self._reset_clock()
-        self.init_weight = 1.0  # P_T: weight of the starting weights in the average
+        self._init_product = 1.0  # P_T: the product of the decays of every update
+        self._watch_frozen()  # frozen now: may join the average once unfrozen
 
     # -- the rule --------------------------------------------------------
 
@@ -220,7 +225,31 @@ class EMA(Averager):
 
     def _on_copy(self) -> None:
         super()._on_copy()
-        self.init_weight = 1.0
+        self._init_product = 1.0
+
+    @property
+    def init_weight(self) -> float:
+        r"""The weight still on the starting weights :math:`\theta_0` in the average.
+
+        :math:`P_T = \prod_t \beta_t` with ``anchor="init"``; with
+        ``anchor="debiased"`` it is 0 once an update with a decay below 1 ran
+        (the debiased average holds none of :math:`\theta_0`), 1 before.
+        """
+        p = self._init_product
+        return 0.0 if self.anchor == "debiased" and p < 1.0 else p
+
+    @init_weight.setter
+    def init_weight(self, value: float) -> None:
+        self._init_product = value
+
+    @property
+    def decay(self) -> float:
+        r"""The decay :math:`\beta_t` of the latest optimizer step (of the first, before any).
+
+        Per optimizer step, whatever ``update_every`` is (one update then
+        applies :math:`\beta^k`); :attr:`horizon` is :math:`1/(1-\beta_t)`.
+        """
+        return self.schedule(max(self.step - self.start_step - 1, 0))
 
     def next_weight(self) -> float:
         """For fused drivers after :meth:`begin_update` returned True: this update's weight.
@@ -234,8 +263,8 @@ class EMA(Averager):
     def _weight(self) -> float:
         """Weight of the live weights for this update, advancing :attr:`init_weight`."""
         since = self._last_step - self.start_step  # >= 0: the clock clamps jumps
-        weight, self.init_weight = ema_weight(
-            self.schedule, self.anchor, since, self.step - self._last_step, self.init_weight
+        weight, self._init_product = ema_weight(
+            self.schedule, self.anchor, since, self.step - self._last_step, self._init_product
         )
         self._last_step = self.step
         return weight
@@ -252,7 +281,7 @@ class EMA(Averager):
         }
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"init_weight": self.init_weight}
+        return {"init_weight": self._init_product}  # P_T, whatever the anchor
 
     def _parse_extra(self, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
         return _parse_ema_fields(state)
@@ -262,7 +291,7 @@ class EMA(Averager):
         self.schedule = parsed["schedule"]
         self.update_every, self.start_step = config["update_every"], config["start_step"]
         self.anchor, self.nonfinite = config["anchor"], config["nonfinite"]
-        self.init_weight = parsed["init_weight"]
+        self._init_product = parsed["init_weight"]
 
     def __repr__(self) -> str:
         return (

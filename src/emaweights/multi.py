@@ -78,16 +78,31 @@ class MultiEMA:
                 )
         self.model = model
         self.emas = [EMA(model, d, **options) for d in decays]
+        self._stack()
+
+    def _stack(self) -> None:
+        """Put the averages of each tensor into one ``[n, numel]`` block (again, after a join)."""
         self._blocks = [
             _restack([e.storage for e in self.emas], gi)
             for gi in range(len(self.emas[0].storage.averaged))
         ]
+        self._stacked = [e.storage for e in self.emas]  # the storages the blocks belong to
         self._casts: dict[int, Tensor] = {}  # mixed-dtype groups: see _cast_buffer
         # The [n, 1] weight column of each group, allocated once and refilled per update.
         self._weights = [
             torch.empty(len(self.emas), 1, dtype=g.flat.dtype, device=g.flat.device)
             for g in self.emas[0].storage.averaged
         ]
+
+    def _index(self, index: int) -> int:
+        """``index`` if it names one of the decays, else ``IndexError`` naming it and the count."""
+        n = len(self.emas)
+        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+            raise IndexError(
+                f"MultiEMA index {index!r} is out of range: it holds {n} decays "
+                f"({[str(e.schedule) for e in self.emas]}), index 0 to {n - 1}"
+            )
+        return index
 
     def _cast_buffer(self, blocks: list[Tensor]) -> Tensor:
         """The cast buffer of a group (keyed by its first block), allocated on first use."""
@@ -104,7 +119,7 @@ class MultiEMA:
 
     def __getitem__(self, index: int) -> EMA:
         """The EMA of the ``index``-th decay."""
-        return self.emas[index]
+        return self.emas[self._index(index)]
 
     @property
     def step(self) -> int:
@@ -123,12 +138,16 @@ class MultiEMA:
 
     def copy_to(self, model: nn.Module | None = None, index: int = 0) -> None:
         """Write the ``index``-th average into ``model`` (see :meth:`EMA.copy_to`)."""
-        self.emas[index].copy_to(model)
+        self.emas[self._index(index)].copy_to(model)
 
     @property
     def init_weights(self) -> list[float]:
         r"""Weight on the starting weights, :math:`P^{(i)}_T`, per decay."""
         return [e.init_weight for e in self.emas]
+
+    def stats(self, drift: bool = False) -> dict[str, Any]:
+        """Every member's :meth:`~emaweights.averager.Averager.stats`, as ``<key>/<index>``."""
+        return {f"{k}/{i}": v for i, e in enumerate(self.emas) for k, v in e.stats(drift).items()}
 
     @torch.no_grad()
     def update(self, step: int | None = None) -> None:
@@ -147,6 +166,8 @@ class MultiEMA:
             for e, c in zip(self.emas, saved, strict=True):
                 e.set_clock(c)
             raise
+        if any(e.storage is not s for e, s in zip(self.emas, self._stacked, strict=True)):
+            self._stack()  # tensors joined (a parameter was unfrozen): restack the blocks
         if not due[0]:
             return
         weights = [e.next_weight() for e in self.emas]
@@ -176,12 +197,12 @@ class MultiEMA:
     @contextlib.contextmanager
     def applied(self, index: int = 0) -> Iterator[nn.Module]:
         """Evaluate with the ``index``-th average swapped in (see :meth:`EMA.applied`)."""
-        with self.emas[index].applied() as model:
+        with self.emas[self._index(index)].applied() as model:
             yield model
 
     def averaged_state_dict(self, index: int = 0) -> dict[str, Tensor]:
         """A model state dict holding the ``index``-th average."""
-        return self.emas[index].averaged_state_dict()
+        return self.emas[self._index(index)].averaged_state_dict()
 
     def state_dict(self) -> dict[str, Any]:
         """The state of every EMA, in decay order."""

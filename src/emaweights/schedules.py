@@ -18,9 +18,12 @@ checkpoints.
 from __future__ import annotations
 
 import math
+import numbers
 import reprlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
+
+import torch
 
 __all__ = [
     "Constant",
@@ -61,11 +64,35 @@ _REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 8, 8, 8
 _REPR.maxstring = _REPR.maxother = 40
 
 
+def _real_scalar(value: object) -> float | None:
+    """``value`` as a float if it is one real number, else ``None``.
+
+    Accepts Python and NumPy real scalars (``numbers.Real``) and one-element
+    real torch tensors (read once, a host sync); refuses bools, complex numbers
+    and multi-element tensors.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.detach().reshape(()).item())
+    if isinstance(value, numbers.Real) and type(value).__name__ != "bool_":  # np.bool_ too
+        return float(value)
+    return None
+
+
 def _check_decay(value: float, what: str = "decay") -> float:
     """Return ``value`` as a float in [0, 1], or raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number in [0, 1], got {_brief(value)}")
-    v = float(value)
+    real = _real_scalar(value)
+    if real is None:
+        shown = (
+            f"a tensor of shape {tuple(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else _brief(value)
+        )
+        raise TypeError(f"{what} must be a real number in [0, 1], got {shown}")
+    v = real
     if not (0.0 <= v <= 1.0):  # also rejects NaN
         raise ValueError(f"{what} must be in [0, 1], got {_brief(value)}")
     return v

@@ -101,7 +101,7 @@ class SwitchEMA(Averager):
         """EMA update; at multiples of ``switch_every`` copy the average into the model."""
         super().update(step)
         if self.step % self.switch_every == 0:
-            self.copy_to()
+            self._copy_to()  # part of the method, not an evaluation: no early-average warning
             self.switches += 1
 
     # -- the rule ----------------------------------------------------------

@@ -107,15 +107,25 @@ def test_bad_checkpointing_choice_names_value() -> None:
         _setup(0, checkpointing="sometimes")
 
 
-def test_load_state_without_the_ema_file_warns_and_goes_on(tmp_path: Path) -> None:
-    """load_state of a folder without the EMA file warns (no FileNotFoundError), EMA unchanged."""
+def test_load_state_without_the_ema_file_warns_and_starts_afresh(tmp_path: Path) -> None:
+    """Without the EMA file load_state warns; the average restarts from the restored weights.
+
+    At step 0, as the Lightning and Trainer callbacks do.
+    """
     accelerator, model, opt, loader, ema, _ = _setup(0, checkpointing="none")
     _epoch(accelerator, model, opt, loader, ema)
     accelerator.save_state(str(tmp_path / "plain"))
+    restored = {
+        k: v.detach().clone()
+        for k, v in accelerate.utils.extract_model_from_parallel(model).state_dict().items()
+    }
     accelerator, model, opt, loader, resumed, _ = _setup(seed=42)
-    before = {k: v.clone() for k, v in resumed.shadow.items()}
-    with pytest.warns(UserWarning, match=STATE_FILE):
+    with pytest.warns(UserWarning, match=f"no {STATE_FILE}.*afresh"):
         accelerator.load_state(str(tmp_path / "plain"))
+    with torch.no_grad():
+        model(torch.zeros(2, 4))  # the next forward restarts the average
     assert resumed.step == 0
-    for name, t in before.items():
-        assert torch.equal(resumed.shadow[name], t), name
+    for name, t in resumed.shadow.items():
+        assert torch.equal(t, restored[name]), name
+    _epoch(accelerator, model, opt, loader, resumed)
+    assert resumed.step == 4  # counted from the restart

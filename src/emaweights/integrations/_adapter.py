@@ -21,7 +21,7 @@ from torch import nn
 from emaweights.ema import EMA
 from emaweights.schedules import Schedule
 
-__all__ = ["Averager", "AveragerFactory", "Evaluation", "ema_factory", "owned"]
+__all__ = ["Averager", "AveragerFactory", "Evaluation", "ema_factory", "owned", "stats_to_log"]
 
 
 class Averager(Protocol):
@@ -127,6 +127,24 @@ class Evaluation:
         if stack is not None:
             with torch.inference_mode(False):
                 stack.close()
+
+
+def stats_to_log(
+    averager: Any, prefix: str, *, drift: bool = False, host: bool = False
+) -> dict[str, Any]:
+    """``averager.stats()`` under ``<prefix>/<key>`` names, for a framework's logger.
+
+    ``drift`` adds the drift norm (a tensor: it syncs only when the logger
+    reads it, or here with ``host``, which makes every value a float). An
+    averager without ``stats`` logs nothing.
+    """
+    stats = getattr(averager, "stats", None)
+    if not callable(stats):
+        return {}
+    values = stats(drift=drift)
+    if host:
+        values = {k: float(v) for k, v in values.items()}
+    return {f"{prefix}/{k}": v for k, v in values.items()}
 
 
 def owned(state: Any) -> Any:

@@ -23,9 +23,10 @@ Checkpointing: by default :func:`prepare_ema` adds save/load hooks to the
 accelerator, so ``accelerator.save_state(dir)`` writes ``dir/emaweights_ema.pt``
 (atomically) and ``accelerator.load_state(dir)`` reads it back with
 ``weights_only=True``. A folder without that file (a checkpoint from before
-the EMA was added) warns and leaves the average as it is, as the Lightning
-and Trainer callbacks warn and go on; call ``ema.register()`` after
-``load_state`` to restart it from the restored weights. ``checkpointing="register"`` uses
+the EMA was added) warns and starts the average afresh from the restored
+weights (at the model's next forward, once ``load_state`` has loaded them;
+the step count restarts at 0), as the Lightning and Trainer callbacks do.
+``checkpointing="register"`` uses
 ``accelerator.register_for_checkpointing(ema)`` instead (the EMA has
 ``state_dict``/``load_state_dict``), but Accelerate loads such custom states
 with ``weights_only=False``, i.e. it unpickles them; prefer the default.
@@ -38,9 +39,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
+from emaweights.averager import check_bool
 from emaweights.ema import EMA, SwapError
+from emaweights.integrations._adapter import stats_to_log
 from emaweights.integrations._require import require
 from emaweights.io import load_state, save_state
 from emaweights.schedules import Schedule
@@ -99,7 +103,7 @@ def prepare_ema(
     return ema
 
 
-def update(ema: EMA, accelerator: Any) -> bool:
+def update(ema: EMA, accelerator: Any, *, log_stats: bool = False, log_drift: bool = False) -> bool:
     """Update the average if this micro-batch ended with an optimizer step.
 
     Under ``accelerator.accumulate`` the optimizer steps only when
@@ -108,13 +112,25 @@ def update(ema: EMA, accelerator: Any) -> bool:
     fp16 grad scaler skipped still counts (the weights did not move, and the
     decay applies), as in the Trainer integrations.
 
+    Args:
+        ema: the averager.
+        accelerator: the ``accelerate.Accelerator``.
+        log_stats: after an update, ``accelerator.log`` the averager's
+            :meth:`~emaweights.averager.Averager.stats` as ``ema/<key>`` at
+            ``step=ema.step`` (to every tracker of ``log_with``; a no-op without one).
+        log_drift: also log the drift norm (one host sync per update).
+
     Returns:
         Whether the average was updated.
 
     """
+    check_bool(log_stats, "log_stats")
+    check_bool(log_drift, "log_drift")
     if not accelerator.sync_gradients:
         return False
     ema.update()
+    if log_stats or log_drift:
+        accelerator.log(stats_to_log(ema, "ema", drift=log_drift, host=True), step=ema.step)
     return True
 
 
@@ -140,17 +156,30 @@ def attach(accelerator: Any, ema: EMA) -> tuple[Any, Any]:
         if accelerator.is_main_process:
             save_state(ema.state_dict(), Path(output_dir) / STATE_FILE)
 
+    restart: list[Any] = []  # the pending one-shot forward hook, if any
+
+    def restart_hook(module: nn.Module, args: Any) -> None:
+        if ema.is_applied:
+            return  # evaluating with the old average: restart at a later forward
+        with torch.inference_mode(False):
+            ema.register()
+        restart.pop().remove()
+
     def load_hook(models: list[nn.Module], input_dir: str) -> None:
         path = os.path.join(input_dir, STATE_FILE)
+        if restart:  # a second load_state before any forward
+            restart.pop().remove()
         if not os.path.isfile(path):
             # As the Lightning and Trainer callbacks do: a checkpoint written
-            # before the EMA was added still resumes.
+            # before the EMA was added still resumes, the average afresh from
+            # the restored weights. They are loaded after this hook: restart at
+            # the next forward.
             warnings.warn(
                 f"accelerator.load_state({input_dir!r}): no {STATE_FILE} there; the average "
-                "keeps its current state; call ema.register() after load_state to restart it "
-                "from the restored weights",
+                "starts afresh from the restored weights (at the next forward)",
                 stacklevel=2,
             )
+            restart.append(ema.model.register_forward_pre_hook(restart_hook))
             return
         ema.load_state_dict(load_state(path))
 

@@ -49,7 +49,13 @@ from typing import Any
 
 import torch
 
-from emaweights.integrations._adapter import AveragerFactory, Evaluation, ema_factory, owned
+from emaweights.integrations._adapter import (
+    AveragerFactory,
+    Evaluation,
+    ema_factory,
+    owned,
+    stats_to_log,
+)
 from emaweights.integrations._require import require
 from emaweights.schedules import Schedule
 
@@ -83,6 +89,12 @@ class EMACallback(_Callback):  # type: ignore[misc]
             At most one callback per Trainer may evaluate.
         name: names the callback's state in the checkpoint (needed when two
             callbacks would otherwise share :attr:`state_key`).
+        log_stats: after every update, ``pl_module.log_dict`` the averager's
+            :meth:`~emaweights.averager.Averager.stats` (``decay``, ``horizon``,
+            ``init_weight``, ``step``, ``num_updates``) as ``<name or
+            "ema">/<key>``.
+        log_drift: also log the drift norm ``||theta - avg|| / ||avg||`` (a
+            tensor: Lightning reads it when it logs).
         **ema_options: passed to :class:`~emaweights.EMA` (``update_every``,
             ``start_step``, ``anchor``, ``dtype``, ``device``,
             ``include_frozen``, ``exclude``, ``buffers``, ``foreach`` ...),
@@ -105,6 +117,8 @@ class EMACallback(_Callback):  # type: ignore[misc]
         averager: AveragerFactory | None = None,
         evaluate: bool = True,
         name: str | None = None,
+        log_stats: bool = False,
+        log_drift: bool = False,
         **ema_options: Any,
     ) -> None:
         super().__init__()
@@ -114,9 +128,15 @@ class EMACallback(_Callback):  # type: ignore[misc]
                 "both weights in shared torchmetrics objects. Validate the live weights with "
                 "a separate trainer.validate(...) while callback.evaluate is False"
             )
-        if not isinstance(evaluate, bool):
-            raise TypeError(f"evaluate must be a bool, got {evaluate!r}")
+        for flag, value in (
+            ("evaluate", evaluate),
+            ("log_stats", log_stats),
+            ("log_drift", log_drift),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r}")
         self._factory = ema_factory("EMACallback", decay, averager, ema_options)
+        self.log_stats, self.log_drift = log_stats or log_drift, log_drift
         self.decay = decay
         self.evaluate = evaluate
         self.name = name
@@ -231,6 +251,11 @@ class EMACallback(_Callback):  # type: ignore[misc]
         step = trainer.global_step
         if step > self._last_step and self.should_update(step=step):
             self._update(trainer, pl_module)
+            if self.log_stats:
+                prefix = self.name or "ema"
+                stats = stats_to_log(self.averager, prefix, drift=self.log_drift)
+                if stats:
+                    pl_module.log_dict(stats, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Update at the epoch end if :meth:`should_update` asks and this step is not in yet."""

@@ -41,7 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from emaweights._naming import unwrap
-from emaweights.integrations._adapter import AveragerFactory, Evaluation, ema_factory
+from emaweights.integrations._adapter import (
+    AveragerFactory,
+    Evaluation,
+    ema_factory,
+    stats_to_log,
+)
 from emaweights.integrations._require import require
 from emaweights.io import load_state, save_state
 from emaweights.schedules import Schedule
@@ -69,6 +74,11 @@ class EMACallback(_TrainerCallback):  # type: ignore[misc]
             when it is not ``<output_dir>/checkpoint-<global_step>``.
         state_file: the state's file name in a checkpoint folder (give two
             callbacks two names).
+        log_stats: at every Trainer log, add the averager's
+            :meth:`~emaweights.averager.Averager.stats` as ``ema/<key>`` to the
+            logs (seen by the callbacks after this one) and to
+            ``state.log_history``.
+        log_drift: also add the drift norm (one host sync per log).
         **ema_options: passed to :class:`~emaweights.EMA` (``update_every``,
             ``start_step``, ``anchor``, ``dtype``, ``device``,
             ``include_frozen``, ``exclude``, ``buffers``, ``foreach``),
@@ -94,9 +104,19 @@ class EMACallback(_TrainerCallback):  # type: ignore[misc]
         save_averaged_to: str | os.PathLike[str] | None = None,
         resume_from: str | os.PathLike[str] | None = None,
         state_file: str = STATE_FILE,
+        log_stats: bool = False,
+        log_drift: bool = False,
         **ema_options: Any,
     ) -> None:
+        for flag, value in (
+            ("evaluate", evaluate),
+            ("log_stats", log_stats),
+            ("log_drift", log_drift),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r}")
         self._factory = ema_factory("EMACallback", decay, averager, ema_options)
+        self.log_stats, self.log_drift = log_stats or log_drift, log_drift
         self.state_file = state_file
         self.decay = decay
         self.evaluate = evaluate
@@ -186,6 +206,17 @@ class EMACallback(_TrainerCallback):  # type: ignore[misc]
 
     def _restore(self) -> None:
         self._evaluation.exit()
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Add the averager's stats to the logs (``log_stats``)."""
+        if not self.log_stats or self.averager is None or logs is None:
+            return
+        stats = stats_to_log(self.averager, "ema", drift=self.log_drift, host=True)
+        logs.update(stats)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Put the live weights back once the evaluation is done."""
