@@ -86,6 +86,18 @@ class LAWA(Averager):
     def _new_storage(self) -> Shadow:
         return Shadow(self._entries, device=self._device, foreach=self._foreach)
 
+    def _join(self, names: set[str]) -> None:
+        """Joining tensors enter every stored point too, from their current value."""
+        super()._join(names)
+        self._entries = list(self._shadow.entries.values())
+        for slot, old in enumerate(self._window):
+            old.flush_()
+            new = self._new_storage()  # copies the live weights, joining tensors included
+            with torch.no_grad():
+                for name, value in old.local_tensors.items():
+                    new.local_tensors[name].copy_(value)
+            self._window[slot] = new
+
     @property
     def n_snapshots(self) -> int:
         """Points in the window now (at most ``k``)."""
