@@ -35,7 +35,7 @@ def test_mismatches_are_named() -> None:
 
 @pytest.mark.parametrize("alpha", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_alpha_is_refused_naming_it(alpha: float) -> None:
-    """alpha = inf, -inf or nan is refused with its value in the message."""
+    """An alpha of inf, -inf or nan is refused with its value in the message."""
     a = {"w": torch.zeros(2)}
     with pytest.raises(ValueError, match=f"got {alpha!r}"):
         interpolate(a, a, alpha)
@@ -62,7 +62,7 @@ def _train_forwards(model: torch.nn.Module, batches: int, seed: int) -> None:
 
 
 def test_wise_ft_between_two_batchnorm_cnns() -> None:
-    """Two BN CNNs with different num_batches_tracked interpolate: floats by the closed form, counters from B."""
+    """Two BN CNNs (different num_batches_tracked) interpolate: closed form, counters from B."""
     pre, fine = _bn_cnn(0), _bn_cnn(1)
     _train_forwards(pre, 2, seed=0)
     _train_forwards(fine, 5, seed=1)

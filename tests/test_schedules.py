@@ -120,7 +120,7 @@ def test_unknown_kind_on_load_is_refused_with_the_ema_unchanged() -> None:
     state = ema.state_dict()
     state["config"] = {**state["config"], "schedule": {"kind": "elsewhere.cosine", "peak": 0.9}}
     before = {n: t.clone() for n, t in ema.shadow.items()}
-    with pytest.raises(ValueError, match="'elsewhere.cosine'"):
+    with pytest.raises(ValueError, match=r"'elsewhere\.cosine'"):
         ema.load_state_dict(state, strict=False)
     assert ema.step == 2
     assert all(torch.equal(before[n], t) for n, t in ema.shadow.items())

@@ -284,8 +284,6 @@ class PowerFunction(Schedule):
         return float((start / (start + steps)) ** (self.gamma + 1))
 
 
-
-
 def schedule_from_dict(data: dict[str, Any]) -> Schedule:
     """Rebuild a schedule written by :meth:`Schedule.to_dict`.
 
