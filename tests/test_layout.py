@@ -111,13 +111,15 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack: list[str] = []
 
     def visit(node: str) -> list[str] | None:
-        state[node], _ = 1, stack.append(node)
+        state[node] = 1
+        stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
                 return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
-        state[node], _ = 2, stack.pop()
+        state[node] = 2
+        stack.pop()
         return None
 
     for node in sorted(graph):
