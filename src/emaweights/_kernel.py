@@ -117,6 +117,11 @@ class Kernel:
     * mixed dtypes (fp32 shadow of a bf16 model) or stochastic rounding:
       chunks cast through a cache-sized staging buffer allocated once
       (:func:`emaweights.functional.lerp_staged_`), no full-size temporary.
+      Stochastic rounding takes this path for non-contiguous live tensors too
+      (channels_last convolutions: cut along their first dimension), and
+      ``foreach=False`` runs its per-tensor reference
+      (:func:`emaweights.functional.lerp_stochastic_`): the option is never
+      dropped. Its noise comes from ``generator``, never the global RNG.
     * mixed dtypes with ``compiled`` and parameters back to back in one
       storage: one compiled fused pass over the flat buffer
       (:func:`emaweights.functional.lerp_compiled_`); buffers staged as above.
@@ -136,10 +141,12 @@ class Kernel:
         stochastic: bool,
         overlap: bool = False,
         compiled: bool = False,
+        generator: torch.Generator | None = None,
     ) -> None:
         self.g = g
         self.foreach = foreach
         self.stochastic = stochastic
+        self.generator = generator  # of the rounding noise, on the shadow's device
         self.overlap = overlap
         # same dtype: the eager flat path is already at the roofline
         self.compiled = compiled and g.flat.dtype != g.live_dtype
@@ -200,7 +207,9 @@ class Kernel:
         if key != self.key:
             self._plan(live)
             self.key = key
-        if self.kind == "loop":
+        if self.kind == "loop" and self.stochastic:
+            F.lerp_stochastic_(g.views, live, weight, generator=self.generator)
+        elif self.kind == "loop":
             F.ema_update_(g.views, live, weight, foreach=False)
         elif self.kind == "compiled":
             assert self.flat is not None  # set with this kind by _plan
@@ -215,6 +224,7 @@ class Kernel:
                 weight,
                 work=self.buffers.get("work"),
                 noise=self.buffers.get("noise"),
+                generator=self.generator,
             )
         else:
             if self.flat is not None:
@@ -245,7 +255,7 @@ class Kernel:
                 self.buffers["weight"] = torch.zeros((), dtype=torch.float32, device=g.flat.device)
             if len(pairs) > 1:
                 self._plan_staged(pairs[1:])
-        elif (mixed or self.stochastic) and contiguous:
+        elif (mixed and contiguous) or self.stochastic:
             if self.compiled and not self.warned:
                 self.warned = True
                 warnings.warn(
@@ -267,8 +277,10 @@ class Kernel:
     def _plan_staged(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         dev = self.g.flat.device
         size = min(STAGING_ELEMENTS, sum(t.numel() for t, _ in pairs))
+        # a non-contiguous source is staged by slices of its first dimension: one must fit
+        size = max([size, *(s[0].numel() for _, s in pairs if not s.is_contiguous())])
         if self.stochastic:
-            if "work" not in self.buffers:
+            if "work" not in self.buffers or self.buffers["work"].numel() < size:
                 self.buffers = {
                     "staging": torch.empty(size, dtype=torch.float32, device=dev),
                     "work": torch.empty(size, dtype=torch.float32, device=dev),

@@ -169,6 +169,11 @@ class Shadow:
         device: shadow device; ``None`` means each tensor's own device.
         foreach: kernel choice, see :func:`emaweights.functional.lerp_`.
         rounding: ``"stochastic"`` for a stochastically rounded bfloat16 shadow.
+        seed: with stochastic rounding, the seed of the rounding noise: one
+            ``torch.Generator`` per shadow device, owned here (saved and loaded
+            with :meth:`rng_state` / :meth:`load_rng_state`), so the updates
+            never draw from or advance torch's global generator. ``None``
+            draws a seed from torch's default generator (once, here).
         overlap: defer each update of a cross-device group by one step (see
             :class:`~emaweights._kernel.Kernel`); every read of the shadow completes it first.
         compiled: update mixed-dtype groups with the compiled fused kernel
@@ -177,8 +182,9 @@ class Shadow:
             (:func:`emaweights.flat.flatten_parameters`) on the shadow's device.
 
     Raises:
-        ValueError: a bad ``rounding``, or ``compiled`` where it cannot apply
-            (the message names the group and what to change).
+        ValueError: a bad ``rounding`` or ``seed`` (a seed without stochastic
+            rounding), or ``compiled`` where it cannot apply (the message names
+            the group and what to change).
 
     """
 
@@ -191,6 +197,7 @@ class Shadow:
         device: torch.device | None = None,
         foreach: bool | None = None,
         rounding: Rounding = "nearest",
+        seed: int | None = None,
         overlap: bool = False,
         compiled: bool = False,
     ) -> None:
@@ -200,6 +207,12 @@ class Shadow:
             raise ValueError(
                 f"rounding='stochastic' needs a bfloat16 shadow (dtype=torch.bfloat16), got {dtype}"
             )
+        if seed is not None and rounding != "stochastic":
+            raise ValueError(f"seed={seed!r} seeds stochastic rounding; rounding is {rounding!r}")
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63
+        ):
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         self.foreach = foreach
         self.dtype = dtype
         self.device = device
@@ -210,6 +223,15 @@ class Shadow:
         self.copied = self._build(copied)
         if compiled:
             self._check_compilable(rounding)
+        # The rounding noise: one generator per shadow device, seeded alike.
+        self.generators: dict[str, torch.Generator] = {}
+        if rounding == "stochastic":
+            if seed is None:
+                seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+            for g in self.averaged:
+                key = str(g.flat.device)
+                if key not in self.generators:
+                    self.generators[key] = torch.Generator(g.flat.device).manual_seed(seed)
         for g in self.averaged:
             g.kernel = Kernel(
                 g,
@@ -217,6 +239,7 @@ class Shadow:
                 stochastic=rounding == "stochastic",
                 overlap=overlap,
                 compiled=compiled,
+                generator=self.generators.get(str(g.flat.device)),
             )
         self.local_tensors: dict[str, Tensor] = {
             e.name: v
@@ -547,6 +570,42 @@ class Shadow:
                 [self.local_tensors[n] for n in names],
                 [local(distribute_like(state[n], self.tensors[n])) for n in names],
             )
+
+    def rng_state(self) -> dict[str, Tensor]:
+        """The state of each rounding generator, by device (empty without stochastic rounding)."""
+        self.flush_()  # a deferred update still has noise to draw
+        return {d: g.get_state() for d, g in self.generators.items()}
+
+    def validate_rng_state(self, state: object) -> None:
+        """Check that ``state`` is a :meth:`rng_state` of this shadow's generators.
+
+        Raises:
+            ValueError: another set of devices, or a state a generator refuses.
+
+        """
+        if not isinstance(state, Mapping) or sorted(state, key=str) != sorted(self.generators):
+            keys = sorted(state, key=str)[:8] if isinstance(state, Mapping) else type(state)
+            raise ValueError(
+                f"saved rounding generator state is for devices {keys}, "
+                f"this shadow's are {sorted(self.generators)}"
+            )
+        for device, t in state.items():
+            if not isinstance(t, Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+                raise ValueError(
+                    f"saved rounding generator state for {device} is not a uint8 vector"
+                )
+            try:  # on a scratch generator: nothing changes if it is refused
+                torch.Generator(self.generators[device].device).set_state(t)
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(
+                    f"saved rounding generator state for {device} is invalid: {str(err)[:120]}"
+                ) from err
+
+    def load_rng_state(self, state: Mapping[str, Tensor]) -> None:
+        """Adopt a state that passed :meth:`validate_rng_state`."""
+        self._drop()  # a pending update would draw from the replaced stream
+        for device, t in state.items():
+            self.generators[device].set_state(t)
 
     def numel(self) -> int:
         """Number of shadow elements."""
