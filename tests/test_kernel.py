@@ -12,11 +12,13 @@ from emaweights.functional import lerp_stochastic_, stage_batches
 W, STEPS = 1e-3, 20
 
 
-def _conv(channels_last: bool) -> nn.Module:
+def _conv(channels_last: bool) -> nn.Sequential:
     """A conv net whose 4-D weights are non-contiguous under channels_last."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 8, 1))
-    return net.to(memory_format=torch.channels_last) if channels_last else net
+    if channels_last:
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return net
 
 
 def _run(model: nn.Module, **kw: object) -> dict[str, torch.Tensor]:
@@ -33,7 +35,8 @@ def _run(model: nn.Module, **kw: object) -> dict[str, torch.Tensor]:
 
 def test_channels_last_weights_are_really_non_contiguous() -> None:
     """The channels_last model holds non-contiguous conv weights (the case under test)."""
-    assert not _conv(channels_last=True)[0].weight.is_contiguous()
+    weight = _conv(channels_last=True)[0].weight
+    assert isinstance(weight, torch.Tensor) and not weight.is_contiguous()
 
 
 @pytest.mark.parametrize("foreach", [None, False])
@@ -84,7 +87,7 @@ def test_lerp_stochastic_reference_is_unbiased() -> None:
     """The per-tensor reference rounds to bf16 neighbours with the exact mean."""
     t = torch.ones(50_000, dtype=torch.bfloat16)
     lerp_stochastic_([t], [torch.full((50_000,), 1.001)], 1.0, generator=torch.Generator())
-    assert set(t.float().unique().tolist()) <= {1.0, 1.0078125}
+    assert set(t.float().tolist()) <= {1.0, 1.0078125}
     assert abs(t.double().mean().item() - 1.001) < 5 * (2**-7) / 50_000**0.5
 
 
