@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import pytest
+import torch
 
+from emaweights import EMA
 from emaweights.schedules import (
     Constant,
     HalfLife,
     PowerWarmup,
+    Schedule,
     Warmup,
     as_schedule,
     schedule_from_dict,
 )
+from tests import _schedules as _user
 
 
 def test_constant_decay_over_is_power() -> None:
@@ -151,3 +161,68 @@ def test_huge_span_takes_bounded_time(s: object) -> None:
     got = s.decay_over(1, 10**12)  # type: ignore[attr-defined]
     assert time.perf_counter() - begin < 0.5
     assert 0.0 <= got <= s.decay_over(1, 2000)  # type: ignore[attr-defined]
+
+
+def test_user_schedule_resumes_in_a_new_process(tmp_path: Path) -> None:
+    """A user Schedule subclass with a kind round-trips through state_dict into a fresh process."""
+    net = _user.model()
+    ema = EMA(net, _user.SCHEDULE)
+    _user.train(net, ema, range(3))
+    torch.save({"model": net.state_dict(), "ema": ema.state_dict()}, tmp_path / "at3.pt")
+    _user.train(net, ema, range(3, 6))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    subprocess.run(
+        [sys.executable, "-m", "tests._schedules", str(tmp_path)],
+        check=True,
+        cwd=root,
+        env=env,
+        timeout=120,
+    )
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    for name, t in ema.shadow.items():
+        assert torch.equal(resumed[name], t), name
+
+
+def test_user_schedule_round_trips_by_kind() -> None:
+    """to_dict of a registered user schedule rebuilds an equal instance of its class."""
+    data = _user.SCHEDULE.to_dict()
+    assert data["kind"] == "tests.ramp"
+    assert schedule_from_dict(data) == _user.SCHEDULE
+
+
+def test_unknown_kind_on_load_is_refused_with_the_ema_unchanged() -> None:
+    """A state naming a kind nobody registered is refused, naming the kind; nothing changes."""
+    net = _user.model()
+    ema = EMA(net, _user.SCHEDULE)
+    _user.train(net, ema, range(2))
+    state = ema.state_dict()
+    state["config"] = {**state["config"], "schedule": {"kind": "elsewhere.cosine", "peak": 0.9}}
+    before = {n: t.clone() for n, t in ema.shadow.items()}
+    with pytest.raises(ValueError, match=r"'elsewhere\.cosine'"):
+        ema.load_state_dict(state, strict=False)
+    assert ema.step == 2
+    assert all(torch.equal(before[n], t) for n, t in ema.shadow.items())
+
+
+def test_a_kind_cannot_be_claimed_twice() -> None:
+    """A second class claiming a registered kind is refused at definition, naming both."""
+    with pytest.raises(TypeError, match="'constant' is already taken"):
+
+        @dataclass(frozen=True)
+        class Mine(Schedule):
+            kind: ClassVar[str] = "constant"
+
+            def __call__(self, step: int) -> float:
+                return 0.5
+
+
+def test_a_subclass_without_kind_cannot_be_saved() -> None:
+    """A subclass without a kind of its own fails to serialize, saying what to add."""
+
+    @dataclass(frozen=True)
+    class Anonymous(Constant):
+        pass
+
+    with pytest.raises(TypeError, match="kind: ClassVar"):
+        Anonymous(0.5).to_dict()

@@ -16,7 +16,7 @@ from tests._models import mlp, train_step
 
 
 def _kinds(ema: EMA) -> list[str]:
-    return [g.kernel.kind for g in ema._shadow.averaged if g.kernel is not None]
+    return [g.kernel.kind for g in ema.storage.averaged if g.kernel is not None]
 
 
 def _float64_ema(
@@ -116,7 +116,7 @@ def test_offload_staging_matches_simple_path(dtype: torch.dtype) -> None:
     ema = EMA(model, 0.9)
     # On a CPU-only machine, emulate a shadow on another device: the staging
     # tensors are what the live weights are copied into before each update.
-    for g in ema._shadow.averaged:
+    for g in ema.storage.averaged:
         g.staging = [torch.empty(v.shape, dtype=g.live_dtype) for v in g.views]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for s in range(4):
@@ -124,7 +124,7 @@ def test_offload_staging_matches_simple_path(dtype: torch.dtype) -> None:
         ema.update()
     assert all(
         g.kernel is not None and g.kernel.key == [t.data_ptr() for t in g.staging or []]
-        for g in ema._shadow.averaged
+        for g in ema.storage.averaged
     )
     ref = _run(copy.deepcopy(base), 4, foreach=False)
     tol = {"rtol": 0.0, "atol": 0.0} if dtype == torch.float32 else {"rtol": 1e-6, "atol": 1e-6}
@@ -134,7 +134,7 @@ def test_offload_staging_matches_simple_path(dtype: torch.dtype) -> None:
 
 def _emulate_offload(ema: EMA) -> None:
     """On a CPU-only machine, give every group staging tensors, as a cross-device shadow has."""
-    for g in ema._shadow.averaged:
+    for g in ema.storage.averaged:
         g.staging = [torch.empty(v.shape, dtype=g.live_dtype) for v in g.views]
 
 
@@ -152,7 +152,7 @@ def test_overlap_defers_each_update_by_one_step_and_reads_complete_it() -> None:
         train_step(model, opt, seed=s)
         ema.update()
         # Storage read without a flush still holds the previous average: the update is pending.
-        for g in ema._shadow.averaged:
+        for g in ema.storage.averaged:
             for e, v in zip(g.entries, g.views, strict=True):
                 torch.testing.assert_close(v, lagged[e.name], rtol=0, atol=0)
         train_step(ref_model, ref_opt, seed=s)

@@ -4,13 +4,15 @@ The core imports only torch. Framework adapters live in
 ``emaweights.integrations`` and are imported only when asked for.
 """
 
+from emaweights.averager import Averager, AveragerProtocol
 from emaweights.bema import BEMA
 from emaweights.ema import EMA, NonFiniteError, SwapError
+from emaweights.export import load_averaged, save_averaged
 from emaweights.flat import flatten_parameters
 from emaweights.interpolate import interpolate
 from emaweights.lawa import LAWA
 from emaweights.multi import MultiEMA
-from emaweights.post_hoc import PostHocEMA
+from emaweights.post_hoc import PostHocEMA, reconstruct
 from emaweights.pullback import PullBack
 from emaweights.schedules import (
     Constant,
@@ -28,6 +30,8 @@ __all__ = [
     "EMA",
     "LAWA",
     "SWA",
+    "Averager",
+    "AveragerProtocol",
     "Constant",
     "HalfLife",
     "MultiEMA",
@@ -42,6 +46,9 @@ __all__ = [
     "Warmup",
     "flatten_parameters",
     "interpolate",
+    "load_averaged",
+    "reconstruct",
+    "save_averaged",
     "update_bn",
 ]
 

@@ -113,6 +113,13 @@ class EMA(Averager):
         rounding: ``"stochastic"`` rounds a bfloat16 shadow (``dtype=torch.bfloat16``)
             stochastically, so that its expectation follows the exact average
             where round-to-nearest would freeze it; ``"nearest"`` (default) otherwise.
+            Honoured on every update path (``foreach=False``, non-contiguous
+            ``channels_last`` weights, ``overlap``); refused with ``compiled``.
+        seed: seed of the stochastic rounding noise (only with
+            ``rounding="stochastic"``). The EMA owns its generator: updates never
+            draw from torch's global one, and :meth:`state_dict` saves its state,
+            so a resumed run is bitwise the uninterrupted one. ``None`` draws a
+            seed from torch's default generator once, at construction.
         overlap: with the shadow on another device than the model (CPU offload,
             ``device="cpu"`` for a GPU model), apply each update one step late:
             :meth:`update` only queues the asynchronous copy of the weights into
@@ -157,6 +164,7 @@ class EMA(Averager):
         rounding: Rounding = "nearest",
         overlap: bool = False,
         compiled: bool = False,
+        seed: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -185,6 +193,10 @@ class EMA(Averager):
         if not isinstance(compiled, bool):
             raise TypeError(f"compiled must be a bool, got {compiled!r}")
         self._compiled = compiled
+        if seed is None and rounding == "stochastic":
+            # drawn once here, so that register() restarts the same noise stream
+            seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+        self._seed = seed
         self.register()
         warn_unmatched(model, tuple(exclude), "exclude")
 
@@ -211,6 +223,7 @@ class EMA(Averager):
             device=self._device,
             foreach=self._foreach,
             rounding=self._rounding,
+            seed=self._seed,
             overlap=self._overlap,
             compiled=self._compiled,
         )
@@ -281,10 +294,23 @@ class EMA(Averager):
         }
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"init_weight": self._init_product}  # P_T, whatever the anchor
+        extra: dict[str, Any] = {"init_weight": self._init_product}  # P_T, whatever the anchor
+        if self._shadow.generators:  # stochastic rounding: its noise stream resumes too
+            extra["rounding_rng"] = self._shadow.rng_state()
+        return extra
 
     def _parse_extra(self, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
-        return _parse_ema_fields(state)
+        parsed = _parse_ema_fields(state)
+        rng = state.get("rounding_rng")
+        if self._shadow.generators and rng is None and strict:
+            raise ValueError(
+                "state lacks rounding_rng (the stochastic rounding generator), so the "
+                "resumed noise would differ; load with strict=False to keep this EMA's own"
+            )
+        if self._shadow.generators and rng is not None:
+            self._shadow.validate_rng_state(rng)
+            parsed["rounding_rng"] = rng
+        return parsed
 
     def _commit_extra(self, parsed: Mapping[str, Any]) -> None:
         config = parsed["config"]
@@ -292,6 +318,8 @@ class EMA(Averager):
         self.update_every, self.start_step = config["update_every"], config["start_step"]
         self.anchor, self.nonfinite = config["anchor"], config["nonfinite"]
         self._init_product = parsed["init_weight"]
+        if "rounding_rng" in parsed:
+            self._shadow.load_rng_state(parsed["rounding_rng"])
 
     def __repr__(self) -> str:
         return (

@@ -29,6 +29,7 @@ __all__ = [
     "lerp_",
     "lerp_compiled_",
     "lerp_staged_",
+    "lerp_stochastic_",
     "mean_",
     "stage_batches",
     "stochastic_round_",
@@ -250,10 +251,14 @@ def stage_batches(
     Large tensors are split into chunks of ``staging.numel()`` elements; small
     ones are packed together so that one batch fills the buffer. The result
     holds only views (built once, reused by every :func:`lerp_staged_` call).
+    A non-contiguous source (a ``channels_last`` weight) is cut into slices of
+    its first dimension instead, each staged under its own shape, so the cast
+    into the staging buffer reads it through its strides.
 
     Raises:
-        ValueError: lists of different lengths, a non-contiguous tensor, or an
-            empty or non-1-D staging buffer.
+        ValueError: lists of different lengths, a non-contiguous target, a pair
+            of different shapes, a slice of a non-contiguous source larger than
+            the staging buffer, or an empty or non-1-D staging buffer.
 
     """
     _check_pairs(target, source, "stage_batches")
@@ -268,17 +273,30 @@ def stage_batches(
     stg: list[Tensor] = []
     used = 0
     for t, s in zip(target, source, strict=True):
-        if not (t.is_contiguous() and s.is_contiguous()) or t.numel() != s.numel():
-            raise ValueError(f"stage_batches needs contiguous pairs of equal size, got {t.shape}")
-        tf, sf = t.view(-1), s.view(-1)
-        for lo in range(0, tf.numel(), cap):
-            n = min(cap, tf.numel() - lo)
+        if not t.is_contiguous() or t.numel() != s.numel():
+            raise ValueError(f"stage_batches needs contiguous targets of equal size, got {t.shape}")
+        pieces: list[tuple[Tensor, Tensor]] = []
+        if s.is_contiguous():
+            tf, sf = t.view(-1), s.view(-1)
+            pieces = [(tf[lo : lo + cap], sf[lo : lo + cap]) for lo in range(0, tf.numel(), cap)]
+        elif s.numel():
+            if t.shape != s.shape:
+                raise ValueError(f"stage_batches: shapes differ, {t.shape} and {s.shape}")
+            rows = cap // s[0].numel()
+            if rows == 0:
+                raise ValueError(
+                    f"stage_batches: a slice of the non-contiguous {tuple(s.shape)} tensor "
+                    f"({s[0].numel()} elements) exceeds the staging buffer ({cap})"
+                )
+            pieces = [(t[lo : lo + rows], s[lo : lo + rows]) for lo in range(0, s.shape[0], rows)]
+        for tp, sp in pieces:
+            n = tp.numel()
             if used + n > cap:
                 batches.append((tgt, src, stg))
                 tgt, src, stg, used = [], [], [], 0
-            tgt.append(tf[lo : lo + n])
-            src.append(sf[lo : lo + n])
-            stg.append(staging[used : used + n])
+            tgt.append(tp)
+            src.append(sp)
+            stg.append(staging[used : used + n].view(tp.shape))
             used += n
     if tgt:
         batches.append((tgt, src, stg))
@@ -328,12 +346,49 @@ def lerp_staged_(
     for tgt, src, stg in batches:
         n = sum(t.numel() for t in tgt)
         acc, rnd = work[:n], noise[:n]
-        accs = [acc[lo : lo + t.numel()] for lo, t in zip(_offsets(tgt), tgt, strict=True)]
+        accs = [
+            acc[lo : lo + t.numel()].view(t.shape) for lo, t in zip(_offsets(tgt), tgt, strict=True)
+        ]
         torch._foreach_copy_(stg, src)
         torch._foreach_copy_(accs, tgt)
         torch._foreach_lerp_(accs, stg, weight)
         stochastic_round_(acc, rnd, generator)
         torch._foreach_copy_(tgt, accs)
+
+
+def lerp_stochastic_(
+    target: Sequence[Tensor],
+    source: Sequence[Tensor],
+    weight: float,
+    *,
+    generator: torch.Generator | None = None,
+) -> None:
+    r"""Per-tensor reference of :func:`lerp_staged_` with stochastic rounding.
+
+    For each bfloat16 target :math:`t`: :math:`t \leftarrow \mathrm{round}(t + w\,(s - t))`,
+    computed in float32 and rounded by :func:`stochastic_round_`. One float32
+    temporary per tensor (this is the ``foreach=False`` path, not the fast
+    one). The noise is drawn tensor by tensor in list order, which on the CPU
+    is the same stream :func:`lerp_staged_` draws, so both give the same bits.
+
+    Args:
+        target: bfloat16 tensors, updated in place.
+        source: tensors of the same shapes, any floating dtype.
+        weight: :math:`w`.
+        generator: random generator of the rounding noise.
+
+    Raises:
+        ValueError: lists of different lengths.
+
+    """
+    _check_pairs(target, source, "lerp_stochastic_")
+    for t, s in zip(target, source, strict=True):
+        acc = t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        acc.lerp_(s.to(torch.float32), weight)
+        stochastic_round_(
+            acc, torch.empty(acc.shape, dtype=torch.int32, device=acc.device), generator
+        )
+        t.copy_(acc)
 
 
 def _lerp_cast_(target: Tensor, source: Tensor, weight: Tensor) -> None:

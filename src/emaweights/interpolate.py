@@ -11,6 +11,7 @@ the forgetting benchmark is drawn against.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -20,8 +21,8 @@ __all__ = ["interpolate", "sweep"]
 
 
 def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha:
-        raise ValueError(f"alpha must be a real number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
     return float(alpha)
 
 
@@ -30,9 +31,11 @@ def interpolate(
 ) -> dict[str, Tensor]:
     r"""Return :math:`(1-\alpha)\,A + \alpha\,B` for every floating tensor.
 
-    Non-floating tensors (integer buffers) must be equal in both and are copied.
-    The result is computed in float64-free fashion: in the tensors' own dtype,
-    by ``torch.lerp``. ``alpha`` outside [0, 1] extrapolates.
+    Non-floating tensors (integer buffers such as BatchNorm's
+    ``num_batches_tracked``) are counters, not weights: they are copied from
+    ``state_b`` (the fine-tuned side, whose statistics the interpolated model
+    continues), whatever ``alpha``. The result is computed in the tensors' own
+    dtype, by ``torch.lerp``. ``alpha`` outside [0, 1] extrapolates.
 
     Args:
         state_a: state dict at :math:`\alpha = 0` (e.g. pre-trained).
@@ -41,7 +44,8 @@ def interpolate(
 
     Raises:
         KeyError: the two state dicts have different names (listed).
-        ValueError: shapes or dtypes differ, or ``alpha`` is not a number.
+        ValueError: shapes or dtypes differ, or ``alpha`` is not a finite number
+            (NaN or infinity would poison every weight).
 
     """
     alpha = _check_alpha(alpha)
@@ -60,10 +64,9 @@ def interpolate(
                 )
             if a.is_floating_point():
                 out[name] = torch.lerp(a, b.to(a.device), alpha)
-            elif torch.equal(a, b.to(a.device)):
-                out[name] = a.clone()
             else:
-                raise ValueError(f"{name}: non-floating tensors differ and cannot be interpolated")
+                # A counter (num_batches_tracked) has no meaningful midpoint: take B's.
+                out[name] = b.to(a.device, copy=True)
     return out
 
 

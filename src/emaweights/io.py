@@ -211,7 +211,7 @@ def _check_zip_sizes(path: PathLike) -> None:
 
 
 def _dtensor_names(state: Mapping[str, Any], prefix: str = "") -> list[str]:
-    from emaweights.distributed import is_dtensor
+    from emaweights._sharding import is_dtensor
 
     out = []
     for k, v in state.items():

@@ -13,6 +13,21 @@ so the averaging horizon, measured in optimizer steps, does not change with
 Every schedule is a small frozen dataclass: cheap to call on the host (no tensor,
 no device sync) and round-trippable through :func:`schedule_from_dict` for
 checkpoints.
+
+A user schedule resumes the same way once it names itself: a frozen dataclass
+subclass of :class:`Schedule` that sets a class attribute ``kind`` is
+registered under that kind when the class is defined, and a checkpoint that
+names the kind is rebuilt from it (the module defining the class must be
+imported before the load)::
+
+    @dataclass(frozen=True)
+    class Cosine(Schedule):
+        kind: ClassVar[str] = "my_project.cosine"
+        peak: float = 0.999
+        def __call__(self, step: int) -> float: ...
+
+Two different classes cannot claim one kind; a kind nobody registered is
+refused on load with the list of the known ones.
 """
 
 from __future__ import annotations
@@ -98,6 +113,10 @@ def _check_decay(value: float, what: str = "decay") -> float:
     return v
 
 
+_KINDS: dict[str, type[Schedule]] = {}
+"""Every schedule class by its ``kind``, filled by :meth:`Schedule.__init_subclass__`."""
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Base class: maps an optimizer step to a decay in [0, 1]."""
@@ -106,6 +125,27 @@ class Schedule:
     #: Fields added after the first release: a saved schedule without them loads
     #: with their defaults (checkpoints written before they existed).
     added_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register a subclass that names its own ``kind`` (see the module docstring)."""
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is None:
+            return  # no kind of its own: not resumable (to_dict says so)
+        if not isinstance(kind, str) or not kind or kind == Schedule.kind:
+            raise TypeError(f"{cls.__qualname__}.kind must be a new non-empty str, got {kind!r}")
+        known = _KINDS.get(kind)
+        same = known is not None and (known.__module__, known.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        )
+        if known is not None and not same:
+            raise TypeError(
+                f"schedule kind {kind!r} is already taken by "
+                f"{known.__module__}.{known.__qualname__}; choose another kind for "
+                f"{cls.__module__}.{cls.__qualname__}"
+            )
+        _KINDS[kind] = cls  # the same class defined again (a reload) replaces the old one
 
     def __call__(self, step: int) -> float:
         r"""Return :math:`\beta_t` for optimizer step ``step`` (0-based)."""
@@ -125,7 +165,23 @@ class Schedule:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """Serialize to plain types (for ``state_dict``)."""
+        """Serialize to plain types (for ``state_dict``).
+
+        Raises:
+            TypeError: the class has no registered ``kind`` of its own, or is not
+                a dataclass itself (its fields would be lost).
+
+        """
+        cls = type(self)
+        if _KINDS.get(cls.__dict__.get("kind", "")) is not cls:
+            raise TypeError(
+                f"{cls.__qualname__} cannot be saved: give it a class attribute "
+                f'kind: ClassVar[str] = "..." of its own (see emaweights.schedules)'
+            )
+        if "__dataclass_fields__" not in cls.__dict__:
+            raise TypeError(
+                f"{cls.__qualname__} cannot be saved: decorate it with @dataclass(frozen=True)"
+            )
         return {"kind": self.kind, **asdict(self)}
 
 
@@ -370,11 +426,6 @@ class PowerFunction(Schedule):
         return float((start / (start + steps)) ** (self.gamma + 1))
 
 
-_KINDS: dict[str, type[Schedule]] = {
-    cls.kind: cls for cls in (Constant, HalfLife, Warmup, PowerWarmup, PowerFunction)
-}
-
-
 def schedule_from_dict(data: dict[str, Any]) -> Schedule:
     """Rebuild a schedule written by :meth:`Schedule.to_dict`.
 
@@ -385,7 +436,10 @@ def schedule_from_dict(data: dict[str, Any]) -> Schedule:
     kind = data.get("kind")
     cls = _KINDS.get(kind) if isinstance(kind, str) else None  # never str() a hostile value
     if cls is None:
-        raise ValueError(f"unknown schedule kind {_brief(kind)}; known: {sorted(_KINDS)}")
+        raise ValueError(
+            f"unknown schedule kind {_brief(kind)}; known: {sorted(_KINDS)} (a user "
+            "schedule must be imported before the load to register its kind)"
+        )
     names = {f.name for f in fields(cls)}
     args = {k: v for k, v in data.items() if k != "kind"}
     # A field added after the first release may be absent (an older checkpoint): default.

@@ -20,11 +20,15 @@ shards only (no communication). Such parameters swap by *copy* into their local
 shard, since FSDP2 all-gathers from its own shard storage and ignores ``.data``.
 DeepSpeed ZeRO-3 parameters are handled the same way, their partition
 ``ds_tensor`` playing the local shard (see :func:`emaweights.distributed.local`).
+
+Layers: the update of each group is planned and dispatched by
+:mod:`emaweights._kernel`, finiteness screens and swap fingerprints are in
+:mod:`emaweights._checks`, and DTensor / ZeRO-3 primitives in
+:mod:`emaweights._sharding`, all below this module.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,6 +37,8 @@ import torch
 from torch import Tensor
 
 from emaweights import functional as F
+from emaweights._checks import fingerprint, nonfinite_flags
+from emaweights._kernel import Group, Kernel, live_on_shadow_device, params_run
 from emaweights._naming import Entry
 from emaweights._sharding import (
     any_across_ranks,
@@ -42,12 +48,17 @@ from emaweights._sharding import (
     wrap_like,
 )
 
-__all__ = ["Rounding", "Shadow", "SwapRecord", "shadow_dtype_for", "undo_swap"]
+__all__ = [
+    "Rounding",
+    "Shadow",
+    "SwapRecord",
+    "live_on_shadow_device",
+    "shadow_dtype_for",
+    "undo_swap",
+]
+
 
 Rounding = Literal["nearest", "stochastic"]
-
-STAGING_ELEMENTS = 1 << 17
-"""Elements of the cache-sized staging buffer of the mixed-dtype update (512 KiB in fp32)."""
 
 
 def shadow_dtype_for(
@@ -67,33 +78,6 @@ def shadow_dtype_for(
     return torch.promote_types(live, torch.float32)
 
 
-@dataclass
-class _Group:
-    """Tracked tensors sharing one flat shadow buffer."""
-
-    entries: list[Entry]
-    flat: Tensor
-    views: list[Tensor]
-    live_dtype: torch.dtype
-    live_device: torch.device
-    params: list[Tensor] = field(
-        default_factory=list
-    )  # cached Parameter objects, stable under .to()
-    buffers: list[Entry] = field(default_factory=list)  # buffers are re-read: .to() replaces them
-    staging: list[Tensor] | None = None  # live copies on the shadow device (cross-device shadow)
-    sharded: bool = False  # some params are DTensors: read their local shard every time
-    kernel: _Kernel | None = None  # the update fast path, chosen after the group is built
-    flat_is_views: bool = True  # ``flat`` is exactly the views back to back (see rebind_group_)
-
-    def live(self) -> list[Tensor]:
-        """The live tensors (local shards for DTensors), in the order of ``views``."""
-        # FSDP2 may replace a DTensor's local tensor (padding at lazy init): re-read it.
-        params = [local(p) for p in self.params] if self.sharded else self.params
-        if not self.buffers:
-            return params
-        return params + [e.get() for e in self.buffers]
-
-
 def _group_key(
     e: Entry, dtype: torch.dtype | None, device: torch.device | None
 ) -> tuple[object, ...]:
@@ -103,7 +87,7 @@ def _group_key(
     return (t.dtype, t.device, sdt, sdev)
 
 
-def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> _Group:
+def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> Group:
     # Parameters first, then buffers: the cached parameter list is a prefix.
     entries = [e for e in entries if e.kind == "param"] + [e for e in entries if e.kind != "param"]
     live = [local(e.get()) for e in entries]
@@ -119,7 +103,7 @@ def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> 
             views.append(run.view(t.shape))
         offset += t.numel()
     n_params = sum(1 for e in entries if e.kind == "param")
-    group = _Group(
+    group = Group(
         entries=entries,
         flat=flat,
         views=views,
@@ -138,284 +122,6 @@ def _build_group(entries: list[Entry], sdt: torch.dtype, sdev: torch.device) -> 
         ]
     F.copy_(views, live)
     return group
-
-
-def _flat_run(tensors: Sequence[Tensor]) -> Tensor | None:
-    """One 1-D view covering ``tensors`` if they lie back to back in one storage, else ``None``."""
-    if not tensors:
-        return None
-    first = tensors[0]
-    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
-    for t in tensors:
-        if (
-            not t.is_contiguous()
-            or t.storage_offset() != offset
-            or t.untyped_storage().data_ptr() != storage
-        ):
-            return None
-        offset += t.numel()
-    total = offset - first.storage_offset()
-    return first.detach().as_strided((total,), (1,), first.storage_offset())
-
-
-def _params_run(g: _Group, live: Sequence[Tensor]) -> Tensor | None:
-    """The group's live parameters as one flat 1-D view, if they lie back to back."""
-    if g.staging is not None or not g.flat_is_views:
-        return None
-    return _flat_run(live[: len(g.params)])
-
-
-def _memory_order_pairs(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]] | None:
-    """The pairs as 1-D views in one memory order, if every pair has one, else ``None``.
-
-    Both contiguous, or both channels_last (NHWC order: ``permute`` then ``view``,
-    which raises rather than copies), so the staged kernels can treat them as flat.
-    """
-    cl = torch.channels_last
-    out = []
-    for t, s in pairs:
-        if t.is_contiguous() and s.is_contiguous():
-            out.append((t.view(-1), s.view(-1)))
-        elif (
-            t.dim() == 4 and t.is_contiguous(memory_format=cl) and s.is_contiguous(memory_format=cl)
-        ):
-            out.append((t.permute(0, 2, 3, 1).view(-1), s.permute(0, 2, 3, 1).view(-1)))
-        else:
-            return None
-    return out
-
-
-def _plain_alias(t: Tensor) -> Tensor:
-    """A 1-D tensor over the same memory as contiguous ``t`` that is not a view of another.
-
-    ``torch.compile`` specializes on how an input views its base: a flat run of
-    parameters is a view of the first parameter (another shape), and the kernel
-    compiled for such an input indexes it element by element, which is slower.
-    """
-    alias = torch.empty(0, dtype=t.dtype, device=t.device)
-    return alias.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
-
-
-def live_on_shadow_device(g: _Group, foreach: bool | None) -> list[Tensor]:
-    """The group's live tensors where its shadow is (copied to staging if elsewhere)."""
-    live = g.live()
-    if g.staging is None:
-        return live
-    F.copy_(g.staging, live, foreach=foreach)
-    if g.live_device.type == "cuda":
-        # The CPU update reads the staging tensors next: wait for the copies.
-        torch.cuda.current_stream(g.live_device).synchronize()
-    return g.staging
-
-
-def _nonfinite(tensors: Sequence[Tensor]) -> Tensor:
-    """One flag per tensor: holds NaN or infinity. A CPU bool tensor.
-
-    A fused 2-norm per (device, dtype) screens every tensor with one launch and
-    one sync; it is infinite or NaN whenever the tensor holds a non-finite
-    element, but may also overflow for huge finite values, so each suspect is
-    confirmed exactly by its min and max (NaN propagates; infinity is the
-    extreme). Suspects are rare: they cost one more sync each.
-    """
-    flags = torch.zeros(len(tensors), dtype=torch.bool)
-    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        if t.numel():  # an empty tensor holds nothing non-finite
-            by_kind.setdefault((t.device, t.dtype), []).append(i)
-    for idx in by_kind.values():
-        norms = torch._foreach_norm([tensors[i] for i in idx])
-        suspect = (~torch.isfinite(torch.stack(norms))).cpu().tolist()
-        for i, s in zip(idx, suspect, strict=True):
-            if s:
-                lo, hi = torch.aminmax(tensors[i])
-                flags[i] = not bool(torch.isfinite(lo) & torch.isfinite(hi))
-    return flags
-
-
-class _Kernel:
-    r"""One group's update :math:`\bar\theta \leftarrow \bar\theta + w\,(\theta - \bar\theta)`.
-
-    The fastest path the live tensors allow is chosen when they are first seen
-    and re-chosen whenever any of them moves (its data pointer changes, e.g.
-    after ``model.to()``), so a plan never holds stale views:
-
-    * ``foreach=False``: the per-tensor reference loop.
-    * same dtype, parameters back to back in one storage (see
-      :func:`emaweights.flat.flatten_parameters`): one ``lerp_`` over the flat
-      buffer, plus one multi-tensor ``lerp_`` for buffers.
-    * same dtype otherwise: one multi-tensor ``lerp_`` over prebuilt lists.
-    * mixed dtypes (fp32 shadow of a bf16 model) or stochastic rounding:
-      chunks cast through a cache-sized staging buffer allocated once
-      (:func:`emaweights.functional.lerp_staged_`), no full-size temporary.
-    * mixed dtypes with ``compiled`` and parameters back to back in one
-      storage: one compiled fused pass over the flat buffer
-      (:func:`emaweights.functional.lerp_compiled_`); buffers staged as above.
-
-    A cross-device shadow first copies the live tensors into its staging
-    tensors (pinned, asynchronous for CUDA to CPU), then runs the plan there.
-    With ``overlap``, the plan runs at the *next* update (or at the next read of
-    the shadow, see :meth:`Shadow.flush_`): the copy then overlaps a training
-    step instead of being waited for.
-    """
-
-    def __init__(
-        self,
-        g: _Group,
-        *,
-        foreach: bool | None,
-        stochastic: bool,
-        overlap: bool = False,
-        compiled: bool = False,
-    ) -> None:
-        self.g = g
-        self.foreach = foreach
-        self.stochastic = stochastic
-        self.overlap = overlap
-        # same dtype: the eager flat path is already at the roofline
-        self.compiled = compiled and g.flat.dtype != g.live_dtype
-        self.pending: float | None = None  # weight of an update staged but not yet applied
-        self.event: torch.cuda.Event | None = None  # marks the end of its copy
-        self.key: list[int] = []
-        self.kind = ""
-        self.targets: list[Tensor] = []
-        self.sources: list[Tensor] = []
-        self.flat: tuple[Tensor, Tensor] | None = None
-        self.batches: list[F.Batch] = []
-        self.buffers: dict[str, Tensor] = {}
-        self.direct = False  # the list path may call the foreach kernel directly
-        self.warned = False  # the compiled plan could not be used (warned once)
-
-    def __call__(self, weight: float) -> None:
-        if self.overlap and self.g.staging is not None:
-            self.finish()
-            self._stage(weight)
-            return
-        self._run(live_on_shadow_device(self.g, self.foreach), weight)
-
-    def _stage(self, weight: float) -> None:
-        """Start copying the live tensors into staging; the update itself waits for :meth:`finish`.
-
-        The copy is queued on the model's current stream, behind the optimizer
-        step that produced the weights and ahead of the next one, so it reads
-        exactly these weights; the host does not wait for it.
-        """
-        g = self.g
-        assert g.staging is not None  # only called for cross-device groups
-        F.copy_(g.staging, g.live(), foreach=self.foreach)
-        if g.live_device.type == "cuda":
-            self.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self.event.record(torch.cuda.current_stream(g.live_device))
-        self.pending = weight
-
-    def finish(self) -> None:
-        """Apply the update whose copy :meth:`_stage` started (a no-op if none is pending)."""
-        if self.pending is None:
-            return
-        if self.event is not None:
-            self.event.synchronize()  # normally long done: a training step ran meanwhile
-            self.event = None
-        weight, self.pending = self.pending, None
-        assert self.g.staging is not None  # pending only for cross-device groups
-        self._run(self.g.staging, weight)
-
-    def drop(self) -> None:
-        """Forget a pending update (the shadow is about to be overwritten)."""
-        if self.event is not None:
-            self.event.synchronize()  # the copy must not land in reused staging later
-        self.pending, self.event = None, None
-
-    def _run(self, live: list[Tensor], weight: float) -> None:
-        g = self.g
-        key = [t.data_ptr() for t in live]
-        if key != self.key:
-            self._plan(live)
-            self.key = key
-        if self.kind == "loop":
-            F.ema_update_(g.views, live, weight, foreach=False)
-        elif self.kind == "compiled":
-            assert self.flat is not None  # set with this kind by _plan
-            w = self.buffers["weight"]
-            w.fill_(weight)
-            F.lerp_compiled_(self.flat[0], self.flat[1], w)
-            if self.batches:
-                F.lerp_staged_(self.batches, weight)
-        elif self.kind == "staged":
-            F.lerp_staged_(
-                self.batches,
-                weight,
-                work=self.buffers.get("work"),
-                noise=self.buffers.get("noise"),
-            )
-        else:
-            if self.flat is not None:
-                self.flat[0].lerp_(self.flat[1], weight)
-            if self.direct:  # same dtype, foreach-capable: skip the per-tensor checks of F.lerp_
-                torch._foreach_lerp_(self.targets, self.sources, weight)
-            elif self.targets:
-                F.ema_update_(self.targets, self.sources, weight, foreach=self.foreach)
-
-    def _plan(self, live: list[Tensor]) -> None:
-        g = self.g
-        self.flat, self.batches, self.direct = None, [], False
-        n_params = len(g.params)
-        run = _params_run(g, live)
-        if run is not None:
-            n = run.numel()
-            pairs = [(g.flat[:n], run), *zip(g.views[n_params:], live[n_params:], strict=True)]
-        else:
-            pairs = list(zip(g.views, live, strict=True))
-        mixed = g.flat.dtype != g.live_dtype
-        contiguous = all(t.is_contiguous() and s.is_contiguous() for t, s in pairs)
-        in_order = _memory_order_pairs(pairs)  # also channels_last on both sides
-        if self.foreach is False:
-            self.kind = "loop"
-        elif self.compiled and run is not None and contiguous:
-            self.kind = "compiled"
-            self.flat = (_plain_alias(pairs[0][0]), _plain_alias(pairs[0][1]))
-            if "weight" not in self.buffers:
-                self.buffers["weight"] = torch.zeros((), dtype=torch.float32, device=g.flat.device)
-            if len(pairs) > 1:
-                self._plan_staged(pairs[1:])
-        elif (mixed or self.stochastic) and in_order is not None:
-            if self.compiled and not self.warned:
-                self.warned = True
-                warnings.warn(
-                    "compiled=True: the parameters no longer lie back to back in one storage; "
-                    "this group falls back to the eager staged update (same numbers, slower)",
-                    stacklevel=2,
-                )
-            self.kind = "staged"
-            self._plan_staged(in_order)
-        elif self.stochastic:
-            raise ValueError(
-                "rounding='stochastic' needs each shadow tensor and its live tensor in one "
-                "memory layout (both contiguous or both channels_last); the model's layout "
-                "changed after the EMA was created"
-            )
-        else:
-            self.kind = "lists"
-            if run is not None and not mixed:
-                self.kind = "flat"
-                self.flat, pairs = pairs[0], pairs[1:]
-            self.targets = [t for t, _ in pairs]
-            self.sources = [s for _, s in pairs]
-            self.direct = bool(self.targets) and not mixed and F._use_foreach(self.targets, None)
-
-    def _plan_staged(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        dev = self.g.flat.device
-        size = min(STAGING_ELEMENTS, sum(t.numel() for t, _ in pairs))
-        if self.stochastic:
-            if "work" not in self.buffers:
-                self.buffers = {
-                    "staging": torch.empty(size, dtype=torch.float32, device=dev),
-                    "work": torch.empty(size, dtype=torch.float32, device=dev),
-                    "noise": torch.empty(size, dtype=torch.int32, device=dev),
-                }
-        elif "staging" not in self.buffers or self.buffers["staging"].numel() < size:
-            self.buffers["staging"] = torch.empty(size, dtype=self.g.flat.dtype, device=dev)
-        self.batches = F.stage_batches(
-            [t for t, _ in pairs], [s for _, s in pairs], self.buffers["staging"]
-        )
 
 
 @dataclass
@@ -460,18 +166,6 @@ def undo_swap(record: SwapRecord, held: Sequence[tuple[Entry, Tensor]] | None = 
                 e.module._buffers[e.attr] = old
 
 
-def _fingerprint(tensors: Sequence[Tensor]) -> Tensor:
-    """Per tensor: its sum and 2-norm in float64 (changes under almost any in-place write)."""
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        d = local(t).detach()
-        pair = [d.sum(dtype=torch.float64), torch.linalg.vector_norm(d, dtype=torch.float64)]
-        by_device.setdefault(d.device, []).extend(pair)
-    # one host transfer per device, not per tensor
-    parts = [torch.stack(v).cpu() for v in by_device.values()]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-
-
 class Shadow:
     """The averaged (and copied) tensors of a model, grouped into flat buffers.
 
@@ -481,16 +175,22 @@ class Shadow:
         device: shadow device; ``None`` means each tensor's own device.
         foreach: kernel choice, see :func:`emaweights.functional.lerp_`.
         rounding: ``"stochastic"`` for a stochastically rounded bfloat16 shadow.
+        seed: with stochastic rounding, the seed of the rounding noise: one
+            ``torch.Generator`` per shadow device, owned here (saved and loaded
+            with :meth:`rng_state` / :meth:`load_rng_state`), so the updates
+            never draw from or advance torch's global generator. ``None``
+            draws a seed from torch's default generator (once, here).
         overlap: defer each update of a cross-device group by one step (see
-            :class:`_Kernel`); every read of the shadow completes it first.
+            :class:`~emaweights._kernel.Kernel`); every read of the shadow completes it first.
         compiled: update mixed-dtype groups with the compiled fused kernel
             (:func:`emaweights.functional.lerp_compiled_`); their parameters
             must lie back to back in one storage
             (:func:`emaweights.flat.flatten_parameters`) on the shadow's device.
 
     Raises:
-        ValueError: a bad ``rounding``, or ``compiled`` where it cannot apply
-            (the message names the group and what to change).
+        ValueError: a bad ``rounding`` or ``seed`` (a seed without stochastic
+            rounding), or ``compiled`` where it cannot apply (the message names
+            the group and what to change).
 
     """
 
@@ -503,6 +203,7 @@ class Shadow:
         device: torch.device | None = None,
         foreach: bool | None = None,
         rounding: Rounding = "nearest",
+        seed: int | None = None,
         overlap: bool = False,
         compiled: bool = False,
     ) -> None:
@@ -512,6 +213,12 @@ class Shadow:
             raise ValueError(
                 f"rounding='stochastic' needs a bfloat16 shadow (dtype=torch.bfloat16), got {dtype}"
             )
+        if seed is not None and rounding != "stochastic":
+            raise ValueError(f"seed={seed!r} seeds stochastic rounding; rounding is {rounding!r}")
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63
+        ):
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         self.foreach = foreach
         self.dtype = dtype
         self.device = device
@@ -522,13 +229,23 @@ class Shadow:
         self.copied = self._build(copied)
         if compiled:
             self._check_compilable(rounding)
+        # The rounding noise: one generator per shadow device, seeded alike.
+        self.generators: dict[str, torch.Generator] = {}
+        if rounding == "stochastic":
+            if seed is None:
+                seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+            for g in self.averaged:
+                key = str(g.flat.device)
+                if key not in self.generators:
+                    self.generators[key] = torch.Generator(g.flat.device).manual_seed(seed)
         for g in self.averaged:
-            g.kernel = _Kernel(
+            g.kernel = Kernel(
                 g,
                 foreach=foreach,
                 stochastic=rounding == "stochastic",
                 overlap=overlap,
                 compiled=compiled,
+                generator=self.generators.get(str(g.flat.device)),
             )
         self.local_tensors: dict[str, Tensor] = {
             e.name: v
@@ -550,7 +267,7 @@ class Shadow:
         for g in self.averaged:
             if g.flat.dtype == g.live_dtype:
                 continue  # same dtype: the eager flat/list paths serve it
-            if _params_run(g, g.live()) is None:
+            if params_run(g, g.live()) is None:
                 names = [e.name for e in g.entries[: len(g.params)]][:5]
                 raise ValueError(
                     f"compiled=True needs the {g.live_dtype} parameters on {g.live_device} "
@@ -561,7 +278,7 @@ class Shadow:
                     "compiled=False"
                 )
 
-    def _build(self, entries: Sequence[Entry]) -> list[_Group]:
+    def _build(self, entries: Sequence[Entry]) -> list[Group]:
         buckets: dict[tuple[object, ...], list[Entry]] = {}
         for e in entries:
             buckets.setdefault(_group_key(e, self.dtype, self.device), []).append(e)
@@ -681,7 +398,7 @@ class Shadow:
     def live_all_finite(self) -> bool:
         """Whether every averaged live tensor is finite (one fused reduction, one sync)."""
         tensors = [t for g in self.averaged if g.live_dtype.is_floating_point for t in g.live()]
-        return not any(self._across_ranks(_nonfinite(tensors)).tolist())
+        return not any(self._across_ranks(nonfinite_flags(tensors)).tolist())
 
     def nonfinite_names(self) -> list[str]:
         """Names of shadow tensors holding NaN or infinity (in any rank's shard, if sharded)."""
@@ -690,11 +407,11 @@ class Shadow:
         bad = torch.zeros(len(names), dtype=torch.bool)
         # Screen each group's flat buffer with one reduction; name tensors only in bad groups.
         groups = [g for g in self.averaged + self.copied if g.flat.is_floating_point()]
-        screens = _nonfinite([g.flat for g in groups]).tolist()
+        screens = nonfinite_flags([g.flat for g in groups]).tolist()
         for g, group_bad in zip(groups, screens, strict=True):
             if group_bad or not g.flat_is_views:
                 suspects = [names.index(e.name) for e in g.entries]
-                bad[suspects] = _nonfinite([self.local_tensors[names[i]] for i in suspects])
+                bad[suspects] = nonfinite_flags([self.local_tensors[names[i]] for i in suspects])
         bad = self._across_ranks(bad)
         return [n for n, b in zip(names, bad.tolist(), strict=True) if b]
 
@@ -739,7 +456,7 @@ class Shadow:
                 if e.kind == "param"
             ]
             record.versions = {id(t): t._version for t in params}
-            record.fingerprint = _fingerprint(params)
+            record.fingerprint = fingerprint(params)
         return record
 
     @staticmethod
@@ -789,7 +506,7 @@ class Shadow:
                 if e.kind == "param" and t._version != record.versions.get(id(t))
                 for n in [e.name]
             ]
-            if not moved and not torch.equal(_fingerprint(params), record.fingerprint):
+            if not moved and not torch.equal(fingerprint(params), record.fingerprint):
                 # written around the version counter (through ``p.data``)
                 moved = ["the parameters' contents (written through .data)"]
             if keep_buffers:
@@ -859,6 +576,42 @@ class Shadow:
                 [self.local_tensors[n] for n in names],
                 [local(distribute_like(state[n], self.tensors[n])) for n in names],
             )
+
+    def rng_state(self) -> dict[str, Tensor]:
+        """The state of each rounding generator, by device (empty without stochastic rounding)."""
+        self.flush_()  # a deferred update still has noise to draw
+        return {d: g.get_state() for d, g in self.generators.items()}
+
+    def validate_rng_state(self, state: object) -> None:
+        """Check that ``state`` is a :meth:`rng_state` of this shadow's generators.
+
+        Raises:
+            ValueError: another set of devices, or a state a generator refuses.
+
+        """
+        if not isinstance(state, Mapping) or sorted(state, key=str) != sorted(self.generators):
+            keys = sorted(state, key=str)[:8] if isinstance(state, Mapping) else type(state)
+            raise ValueError(
+                f"saved rounding generator state is for devices {keys}, "
+                f"this shadow's are {sorted(self.generators)}"
+            )
+        for device, t in state.items():
+            if not isinstance(t, Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+                raise ValueError(
+                    f"saved rounding generator state for {device} is not a uint8 vector"
+                )
+            try:  # on a scratch generator: nothing changes if it is refused
+                torch.Generator(self.generators[device].device).set_state(t)
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(
+                    f"saved rounding generator state for {device} is invalid: {str(err)[:120]}"
+                ) from err
+
+    def load_rng_state(self, state: Mapping[str, Tensor]) -> None:
+        """Adopt a state that passed :meth:`validate_rng_state`."""
+        self._drop()  # a pending update would draw from the replaced stream
+        for device, t in state.items():
+            self.generators[device].set_state(t)
 
     def numel(self) -> int:
         """Number of shadow elements."""

@@ -24,6 +24,10 @@ class Case:
 AVERAGERS = [
     Case("EMA", lambda m, **o: EMA(m, 0.9, **o)),
     Case("EMA-debiased", lambda m, **o: EMA(m, 0.9, anchor="debiased", **o)),
+    Case(
+        "EMA-stochastic",
+        lambda m, **o: EMA(m, 0.9, dtype=torch.bfloat16, rounding="stochastic", seed=0, **o),
+    ),
     Case("MultiEMA", lambda m, **o: MultiEMA(m, [0.9, 0.5], **o)),
     Case("SWA", lambda m, **o: SWA(m, **o)),
     Case("SwitchEMA", lambda m, **o: SwitchEMA(m, 0.9, switch_every=4, **o)),

@@ -392,7 +392,7 @@ def _swap_cases(model_name: str, scale: float, reps: int) -> list[Case]:
             pass
 
     def pointer_only() -> None:  # the swap itself, without applied()'s non-finite check
-        ours._shadow.swap_out(ours._shadow.swap_in())
+        ours.storage.swap_out(ours.storage.swap_in())
 
     backup = [p.detach().clone() for p in m.parameters()]
     shadow = [p.detach().clone() for p in m.parameters()]
