@@ -57,7 +57,7 @@ def main(folder: Path) -> None:
     ema = EMA(net, Ramp(low=0.4, high=0.95, steps=6))
     ema.load_state_dict(saved["ema"])
     train(net, ema, range(3, 6))
-    torch.save(ema.shadow, folder / "resumed.pt")
+    torch.save(dict(ema.shadow), folder / "resumed.pt")
 
 
 if __name__ == "__main__":

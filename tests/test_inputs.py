@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +83,21 @@ def test_shadow_is_read_only() -> None:
     ema = EMA(mlp(), 0.9)
     with pytest.raises(TypeError):
         ema.shadow["0.weight"] = torch.zeros(16, 6)  # type: ignore[index]
+    for change in (lambda m: m.update({}), lambda m: m.pop("0.weight"), lambda m: m.clear()):
+        with pytest.raises(TypeError, match="read-only"):
+            change(ema.shadow)
+    assert set(ema.shadow) == set(ema.storage.state())
+
+
+def test_shadow_copies_and_pickles_as_a_plain_dict(tmp_path: Path) -> None:
+    """dict(ema.shadow) saves for weights_only loads; pickling ema.shadow gives a plain dict."""
+    ema = EMA(mlp(), 0.9)
+    torch.save(dict(ema.shadow), tmp_path / "shadow.pt")
+    loaded = torch.load(tmp_path / "shadow.pt", weights_only=True)
+    unpickled = pickle.loads(pickle.dumps(ema.shadow))
+    for got in (loaded, unpickled):
+        assert type(got) is dict
+        assert all(torch.equal(got[k], v) for k, v in ema.shadow.items())
 
 
 def test_the_same_step_twice_counts_once() -> None:

@@ -21,9 +21,9 @@ SRC = ROOT / "src" / "emaweights"
 # average (duck-typed), so the package namespace can offer save_averaged beside them.
 LAYERS: list[set[str]] = [
     {"functional", "schedules", "_naming", "_sharding", "flat", "io"},
-    {"_kernel", "_checks"},
+    {"_kernel", "_checks", "_module"},
     {"shadow"},
-    {"averager"},
+    {"averager", "_storage"},
     {"ema", "multi", "swa", "lawa", "bema", "post_hoc", "switch", "pullback", "interpolate"},
     {"export"},
     {"__init__"},  # the package namespace re-exports the averagers and export
@@ -61,7 +61,17 @@ def _imports(module: str) -> tuple[set[str], list[tuple[str, bool]]]:
     internal: set[str] = set()
     external: list[tuple[str, bool]] = []
     top_level = {id(n) for n in tree.body}
+    # Imports under ``if TYPE_CHECKING:`` never run: annotations only, not a dependency.
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         deferred = id(node) not in top_level
         if isinstance(node, ast.Import):
             for alias in node.names:

@@ -29,7 +29,6 @@ import contextlib
 import math
 import operator
 import reprlib
-import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -543,9 +542,11 @@ class Averager:
         """The averaged tensors by canonical name: a read-only mapping of views into the storage.
 
         Assigning to it (``averager.shadow["w"] = t``) raises ``TypeError``; to
-        change the average, use :meth:`load_state_dict`.
+        change the average, use :meth:`load_state_dict`. To save it, save
+        :meth:`state_dict` (resume) or ``dict(averager.shadow)`` (a plain dict that
+        ``torch.load(weights_only=True)`` reads); it also pickles as a plain ``dict``.
         """
-        return types.MappingProxyType(self._shadow.state())
+        return ReadOnlyTensors(self._shadow.state())
 
     @property
     def module(self) -> AveragedModule:
@@ -822,6 +823,22 @@ class Averager:
             f"start_step={self.start_step}, tensors={len(self._shadow.tensors)}, "
             f"step={self.step}, num_updates={self.num_updates})"
         )
+
+
+class ReadOnlyTensors(dict[str, Tensor]):
+    """A ``dict`` that refuses changes and pickles as a plain ``dict``."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError(
+            "averager.shadow is read-only (views of the average); change the average with "
+            "load_state_dict(), or copy it with dict(averager.shadow)"
+        )
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse  # type: ignore[assignment]
+    __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, Tensor]]]:
+        return dict, (dict(self),)
 
 
 def _tracked_kind(e: Entry) -> bool:

@@ -95,4 +95,10 @@ def test_an_unfrozen_layer_joins_and_the_rest_keeps_its_average(case: Case) -> N
     one, ref = _single(averager), _single(reference)
     assert "0.weight" in one.shadow and "0.weight" not in ref.shadow
     for k in ref.shadow:
-        torch.testing.assert_close(one.shadow[k], ref.shadow[k], rtol=0, atol=1e-6)
+        # Stochastic rounding in a low-precision shadow draws its noise over more elements once
+        # a tensor joins, so the other tensors may round the other way.
+        # Each update may round the other way, so allow one rounding step per update.
+        t = ref.shadow[k]
+        low = t.dtype in (torch.bfloat16, torch.float16)
+        band = 5 * torch.finfo(t.dtype).eps * t.float().abs().max() if low else 0.0
+        assert ((one.shadow[k].float() - t.float()).abs() <= band + 1e-6).all(), k
