@@ -275,7 +275,7 @@ class PostHocEMA:
     def save_snapshot(self) -> None:
         """Save every average now, and rewrite the manifest (atomically)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        entries = []
+        entries: list[dict[str, Any]] = []
         for gamma, ema in zip(self.gammas, self.multi.emas, strict=True):
             name = f"{len(self.snapshots) + len(entries):06d}.safetensors"
             tensors = {
@@ -344,11 +344,16 @@ class PostHocEMA:
         version = state.get("version")
         if type(version) is not int or version != self.VERSION:
             raise ValueError(f"unsupported {kind} state version {_bounded(version)}")
-        config = state.get("config")
-        if not isinstance(config, Mapping) or dict(config) != self._config():
+        config, mine = state.get("config"), self._config()
+        if not isinstance(config, Mapping) or dict(config) != mine:
+            # The snapshot directory holds files of these profiles and this cadence:
+            # refused whatever ``strict``, a resume with others would mix them.
+            saved = config if isinstance(config, Mapping) else {}
+            diff = {k: (_bounded(saved.get(k)), _bounded(v)) for k, v in mine.items()}
+            diff = {k: d for k, d in diff.items() if saved.get(k) != mine[k]}
             raise ValueError(
-                f"saved {kind} configuration {_bounded(config)} differs from this one "
-                f"{_bounded(self._config())}"
+                f"saved {kind} configuration differs from this one (saved, current): "
+                f"{diff or _bounded(config)}"
             )
         emas = state.get("emas")
         if not isinstance(emas, list) or not emas or not isinstance(emas[0], Mapping):
