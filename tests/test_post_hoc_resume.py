@@ -115,6 +115,8 @@ def _corrupt(state: dict[str, Any], how: str) -> dict[str, Any]:
         state["snapshots"][-1]["step"] = state["snapshots"][-2]["step"] = SAVED + 3
     elif how == "numbering":
         state["snapshots"][0]["file"] = "000009.safetensors"
+    elif how == "profile":
+        state["snapshots"][1]["gamma"] = state["snapshots"][0]["gamma"]
     elif how == "odd-count":
         state["snapshots"] = state["snapshots"][:-1]
     elif how == "counters":
@@ -130,6 +132,7 @@ CORRUPTIONS = {  # how -> what the refusal names
     "tensor-name": "unexpected.*extra",
     "snapshot-after-step": "past the saved step 6",
     "numbering": "000009",
+    "profile": "snapshot 1: expected file 000001.safetensors of gamma",
     "odd-count": "multiple of 2",
     "counters": "num_updates 7 is more than the saved step 6",
 }
@@ -192,3 +195,32 @@ def test_a_state_without_snapshots_refuses_a_directory_with_some(tmp_path: Path)
     _, fresh = _tracker(tmp_path / "snaps")
     with pytest.raises(LoadError, match="the state 0"):
         fresh.load_state_dict(state)
+
+
+def test_a_manifest_missing_later_snapshots_is_refused(tmp_path: Path) -> None:
+    """A manifest put back to an earlier step lacks the state's later snapshots: refused."""
+    model, tracker = _tracker(tmp_path / "snaps")
+    _run(tracker, model, 1, EVERY)
+    early = (tmp_path / "snaps" / MANIFEST).read_bytes()
+    _run(tracker, model, EVERY + 1, SAVED)
+    state = tracker.state_dict()
+    (tmp_path / "snaps" / MANIFEST).write_bytes(early)
+    _, fresh = _tracker(tmp_path / "snaps")
+    with pytest.raises(LoadError, match="lists 2 snapshots, the state 4"):
+        fresh.load_state_dict(state)
+    assert fresh.snapshots == [] and fresh.step == 0
+
+
+def test_index_picks_the_profile_for_applied_export_and_copy_to(tmp_path: Path) -> None:
+    """applied(i), averaged_state_dict(i), copy_to(index=i) use the i-th sigma_rel's EMA."""
+    model, tracker = _tracker(tmp_path / "snaps")
+    _run(tracker, model, 1, SAVED)
+    for i in range(len(tracker)):
+        expected = tracker[i].averaged_state_dict()
+        assert all(torch.equal(tracker.averaged_state_dict(i)[k], v) for k, v in expected.items())
+        with tracker.applied(i) as m:
+            assert all(torch.equal(m.state_dict()[k], v) for k, v in expected.items())
+        other = mlp()
+        tracker.copy_to(other, index=i)
+        assert all(torch.equal(other.state_dict()[k], v) for k, v in expected.items())
+    assert not torch.equal(tracker.averaged_state_dict(0)["0.weight"], expected["0.weight"])
