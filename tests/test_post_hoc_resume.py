@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from emaweights.averager import SwapError
 from emaweights.io import LoadError, load_safetensors
 from emaweights.post_hoc import MANIFEST, PostHocEMA, load_manifest, reconstruct
 from tests._models import mlp
@@ -224,3 +225,6 @@ def test_index_picks_the_profile_for_applied_export_and_copy_to(tmp_path: Path) 
         tracker.copy_to(other, index=i)
         assert all(torch.equal(other.state_dict()[k], v) for k, v in expected.items())
     assert not torch.equal(tracker.averaged_state_dict(0)["0.weight"], expected["0.weight"])
+    state = tracker.state_dict()
+    with tracker.applied(1), pytest.raises(SwapError, match="restore"):
+        tracker.load_state_dict(state)

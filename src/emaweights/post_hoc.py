@@ -56,8 +56,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from emaweights.averager import SwapError, positive_int
 from emaweights.averager import _short as _bounded
-from emaweights.averager import positive_int
 from emaweights.ema import EMA
 from emaweights.io import LoadError, atomic_write, load_safetensors
 from emaweights.multi import MultiEMA
@@ -333,10 +333,14 @@ class PostHocEMA:
             ValueError: any mismatch (``emaweights.io.LoadError`` for the
                 directory), named; the averager is unchanged.
             KeyError: missing or unexpected tensor names (from the EMAs).
+            FileNotFoundError: a snapshot the state lists is not in the directory.
+            SwapError: an average is applied.
 
         """
         if self.is_applied:
-            raise ValueError("load_state_dict() called while an average is applied; restore()")
+            raise SwapError(
+                "load_state_dict() called while an average is applied; call restore() first"
+            )
         kind = self.FORMAT.removeprefix("emaweights.")
         if not isinstance(state, Mapping) or state.get("format") != self.FORMAT:
             found = _bounded(state.get("format")) if isinstance(state, Mapping) else _bounded(state)
