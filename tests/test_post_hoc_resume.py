@@ -228,3 +228,16 @@ def test_index_picks_the_profile_for_applied_export_and_copy_to(tmp_path: Path) 
     state = tracker.state_dict()
     with tracker.applied(1), pytest.raises(SwapError, match="restore"):
         tracker.load_state_dict(state)
+
+
+def test_a_tracker_that_loaded_nothing_does_not_overwrite_a_run(tmp_path: Path) -> None:
+    """A new tracker in a directory with a manifest refuses its first snapshot unless overwrite."""
+    _checkpoint(tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "snaps").iterdir()}
+    model, fresh = _tracker(tmp_path / "snaps")
+    with pytest.raises(FileExistsError, match="load_state_dict"):
+        _run(fresh, model, 1, EVERY)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "snaps").iterdir()} == before
+    model, over = _tracker(tmp_path / "snaps", overwrite=True)
+    _run(over, model, 1, EVERY)
+    assert len(load_manifest(tmp_path / "snaps")["snapshots"]) == 2

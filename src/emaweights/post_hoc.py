@@ -156,6 +156,9 @@ class PostHocEMA:
         update_every: average every this many optimizer steps.
         dtype: dtype of the saved snapshots (float32 by default: fp16 snapshots
             lose the small differences the least-squares solve combines).
+        overwrite: start a new run in a directory that already holds a manifest
+            (its snapshots are replaced). By default the first snapshot refuses
+            it: a resumed run must :meth:`load_state_dict` to continue it.
         **options: other :class:`~emaweights.EMA` options (``start_step``,
             ``include_frozen``, ``exclude``, ``buffers``, ``device``, ``foreach``,
             ``nonfinite``).
@@ -177,8 +180,12 @@ class PostHocEMA:
         snapshot_every: int = 1000,
         update_every: int = 1,
         dtype: torch.dtype = torch.float32,
+        overwrite: bool = False,
         **options: Any,
     ) -> None:
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"overwrite must be a bool, got {_bounded(overwrite)}")
+        self.overwrite = overwrite
         if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int):
             raise ValueError(f"snapshot_every must be a positive int, got {snapshot_every!r}")
         if snapshot_every < 1:
@@ -273,7 +280,19 @@ class PostHocEMA:
         }
 
     def save_snapshot(self) -> None:
-        """Save every average now, and rewrite the manifest (atomically)."""
+        """Save every average now, and rewrite the manifest (atomically).
+
+        Raises:
+            FileExistsError: the first snapshot of a tracker that loaded no state,
+                in a directory that holds a manifest (unless ``overwrite=True``).
+        """
+        if not self.snapshots and not self.overwrite and (self.directory / MANIFEST).exists():
+            # Starting at 000000 would replace an earlier run's snapshots and drop them
+            # from the manifest: a resume must load its state first.
+            raise FileExistsError(
+                f"{str(self.directory / MANIFEST)!r} exists: load the run's state with "
+                "load_state_dict() to continue it, or pass overwrite=True to start over"
+            )
         self.directory.mkdir(parents=True, exist_ok=True)
         entries: list[dict[str, Any]] = []
         for gamma, ema in zip(self.gammas, self.multi.emas, strict=True):
