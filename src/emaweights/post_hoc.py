@@ -44,17 +44,20 @@ itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import reprlib
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from emaweights.averager import SwapError, positive_int
+from emaweights.averager import _short as _bounded
 from emaweights.ema import EMA
 from emaweights.io import LoadError, atomic_write, load_safetensors
 from emaweights.multi import MultiEMA
@@ -136,6 +139,14 @@ def power_profile(gamma: float, num_updates: int, length: int | None = None) -> 
 class PostHocEMA:
     """Track power-function EMAs and save snapshots for post-hoc reconstruction.
 
+    It has the averager protocol (:class:`~emaweights.averager.AveragerProtocol`)
+    by composition over a :class:`~emaweights.MultiEMA` of the tracked profiles
+    (which owns the storage, the clock and the guards): ``applied``,
+    ``averaged_state_dict`` and ``copy_to`` use the first ``sigma_rel``'s
+    average unless ``index`` says otherwise, and :meth:`state_dict` adds the
+    snapshot list, so that a run resumed with :meth:`load_state_dict` continues
+    the numbering and the manifest in the same directory.
+
     Args:
         model: the model (bare or wrapped).
         directory: where snapshots and ``manifest.json`` go (created on the first save).
@@ -145,13 +156,20 @@ class PostHocEMA:
         update_every: average every this many optimizer steps.
         dtype: dtype of the saved snapshots (float32 by default: fp16 snapshots
             lose the small differences the least-squares solve combines).
+        overwrite: start a new run in a directory that already holds a manifest
+            (its snapshots are replaced). By default the first snapshot refuses
+            it: a resumed run must :meth:`load_state_dict` to continue it.
         **options: other :class:`~emaweights.EMA` options (``start_step``,
-            ``include_frozen``, ``exclude``, ``buffers``, ``device``, ``foreach``).
+            ``include_frozen``, ``exclude``, ``buffers``, ``device``, ``foreach``,
+            ``nonfinite``).
 
     Raises:
         ValueError: a ``sigma_rel`` out of range, or ``snapshot_every`` not a positive int.
 
     """
+
+    FORMAT = "emaweights.PostHocEMA"
+    VERSION = 1
 
     def __init__(
         self,
@@ -162,25 +180,86 @@ class PostHocEMA:
         snapshot_every: int = 1000,
         update_every: int = 1,
         dtype: torch.dtype = torch.float32,
+        overwrite: bool = False,
         **options: Any,
     ) -> None:
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"overwrite must be a bool, got {_bounded(overwrite)}")
+        self.overwrite = overwrite
         if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int):
             raise ValueError(f"snapshot_every must be a positive int, got {snapshot_every!r}")
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be a positive int, got {snapshot_every!r}")
         self.gammas = [sigma_rel_to_gamma(s) for s in sigma_rels]
+        self.sigma_rels = [float(s) for s in sigma_rels]
         self.directory = Path(directory)
         self.snapshot_every = snapshot_every
         self.snapshot_dtype = dtype
         self.multi = MultiEMA(
             model, [PowerFunction(g) for g in self.gammas], update_every=update_every, **options
         )
+        self.model = model
         self.snapshots: list[dict[str, Any]] = []
+
+    # -- the protocol, over the tracked EMAs ---------------------------------
 
     @property
     def step(self) -> int:
         """Optimizer steps seen."""
         return self.multi.step
+
+    @property
+    def num_updates(self) -> int:
+        """Averaging updates applied (the same for every profile)."""
+        return self.multi.num_updates
+
+    @property
+    def emas(self) -> list[EMA]:
+        """The tracked power EMAs, in ``sigma_rels`` order."""
+        return self.multi.emas
+
+    def __len__(self) -> int:
+        return len(self.multi)
+
+    def __getitem__(self, index: int) -> EMA:
+        """The EMA of the ``index``-th ``sigma_rel``."""
+        return self.multi[index]
+
+    @property
+    def is_applied(self) -> bool:
+        """Whether one of the averages is swapped into the model now."""
+        return self.multi.is_applied
+
+    @property
+    def shadow(self) -> dict[str, Tensor]:
+        """The first profile's averaged tensors by canonical name (views)."""
+        return self.multi[0].shadow
+
+    def apply_shadow(self, index: int = 0) -> None:
+        """Swap the ``index``-th average into the model (see :meth:`EMA.apply_shadow`)."""
+        self.multi[index].apply_shadow()
+
+    def restore(self) -> None:
+        """Put the live weights back after :meth:`apply_shadow` (see :meth:`EMA.restore`)."""
+        applied = [e for e in self.multi.emas if e.is_applied]
+        if not applied:
+            self.multi[0].restore()  # raises the protocol's SwapError
+        for e in applied:
+            e.restore()
+
+    @contextlib.contextmanager
+    def applied(self, index: int = 0) -> Iterator[nn.Module]:
+        """Evaluate with the ``index``-th average swapped in (see :meth:`EMA.applied`)."""
+        with self.multi.applied(index) as model:
+            yield model
+
+    def averaged_state_dict(self, index: int = 0) -> dict[str, Tensor]:
+        """A model state dict holding the ``index``-th average (every tied alias included)."""
+        return self.multi.averaged_state_dict(index)
+
+    def copy_to(self, model: nn.Module | None = None, index: int = 0) -> None:
+        """Write the ``index``-th average into ``model`` (see :meth:`EMA.copy_to`)."""
+        self.multi.copy_to(model, index)
 
     def update(self, step: int | None = None) -> None:
         """Update every average; snapshot when the step is a multiple of ``snapshot_every``."""
@@ -188,11 +267,36 @@ class PostHocEMA:
         if self.step % self.snapshot_every == 0 and self.multi[0].num_updates > 0:
             self.save_snapshot()
 
+    # -- snapshots ----------------------------------------------------------
+
+    def _manifest(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "snapshot_every": self.snapshot_every,
+            "update_every": self.multi[0].update_every,
+            "start_step": self.multi[0].start_step,
+            "snapshots": self.snapshots,
+        }
+
     def save_snapshot(self) -> None:
-        """Save every average now, and rewrite the manifest."""
+        """Save every average now, and rewrite the manifest (atomically).
+
+        Raises:
+            FileExistsError: the first snapshot of a tracker that loaded no state,
+                in a directory that holds a manifest (unless ``overwrite=True``).
+        """
+        if not self.snapshots and not self.overwrite and (self.directory / MANIFEST).exists():
+            # Starting at 000000 would replace an earlier run's snapshots and drop them
+            # from the manifest: a resume must load its state first.
+            raise FileExistsError(
+                f"{str(self.directory / MANIFEST)!r} exists: load the run's state with "
+                "load_state_dict() to continue it, or pass overwrite=True to start over"
+            )
         self.directory.mkdir(parents=True, exist_ok=True)
+        entries: list[dict[str, Any]] = []
         for gamma, ema in zip(self.gammas, self.multi.emas, strict=True):
-            name = f"{len(self.snapshots):06d}.safetensors"
+            name = f"{len(self.snapshots) + len(entries):06d}.safetensors"
             tensors = {
                 k: (v.to(self.snapshot_dtype) if v.is_floating_point() else v)
                 .detach()
@@ -201,20 +305,158 @@ class PostHocEMA:
                 for k, v in ema.shadow.items()
             }
             _write_snapshot(self.directory / name, tensors, _snapshot_metadata(ema, gamma))
-            self.snapshots.append(
+            entries.append(
                 {"file": name, "step": ema.step, "gamma": gamma, "num_updates": ema.num_updates}
             )
-        manifest = {
-            "format": _FORMAT,
-            "version": 1,
-            "snapshot_every": self.snapshot_every,
-            "update_every": self.multi[0].update_every,
-            "start_step": self.multi[0].start_step,
-            "snapshots": self.snapshots,
-        }
-        # atomic (fsync'ed temporary, rename, folder fsync): a crash never leaves half a manifest
+        self.snapshots.extend(entries)
+        # A crash never leaves half a manifest: temporary file, fsync, rename.
         with atomic_write(self.directory / MANIFEST) as f:
-            f.write(json.dumps(manifest, indent=1).encode())
+            f.write(json.dumps(self._manifest(), indent=1).encode())
+
+    # -- checkpoints --------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "sigma_rels": list(self.sigma_rels),
+            "snapshot_every": self.snapshot_every,
+            "dtype": str(self.snapshot_dtype),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state: every tracked EMA's state and the snapshot list.
+
+        Only tensors and plain values (``torch.load(weights_only=True)``). The
+        directory is not saved: the averager loading it names it.
+        """
+        return {
+            "format": self.FORMAT,
+            "version": self.VERSION,
+            "config": self._config(),
+            "emas": self.multi.state_dict()["emas"],
+            "snapshots": [dict(e) for e in self.snapshots],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned, in the averager's own directory.
+
+        Everything is validated before anything changes: the format and
+        version, the configuration (``sigma_rels``, ``snapshot_every``,
+        ``dtype`` must be this averager's, whatever ``strict``), each EMA's
+        state (see :meth:`EMA.load_state_dict`; ``strict`` applies there), the
+        snapshot list (file numbering, profiles, counters no later than the
+        state's), and the directory's manifest, which must list exactly the
+        state's snapshots (and every file must exist). Later snapshots go on
+        with the next number, and the manifest keeps the earlier ones.
+
+        Raises:
+            ValueError: any mismatch (``emaweights.io.LoadError`` for the
+                directory), named; the averager is unchanged.
+            KeyError: missing or unexpected tensor names (from the EMAs).
+            FileNotFoundError: a snapshot the state lists is not in the directory.
+            SwapError: an average is applied.
+
+        """
+        if self.is_applied:
+            raise SwapError(
+                "load_state_dict() called while an average is applied; call restore() first"
+            )
+        kind = self.FORMAT.removeprefix("emaweights.")
+        if not isinstance(state, Mapping) or state.get("format") != self.FORMAT:
+            found = _bounded(state.get("format")) if isinstance(state, Mapping) else _bounded(state)
+            raise ValueError(f"not an emaweights {kind} state (format {found})")
+        version = state.get("version")
+        if type(version) is not int or version != self.VERSION:
+            raise ValueError(f"unsupported {kind} state version {_bounded(version)}")
+        config, mine = state.get("config"), self._config()
+        if not isinstance(config, Mapping) or dict(config) != mine:
+            # The snapshot directory holds files of these profiles and this cadence:
+            # refused whatever ``strict``, a resume with others would mix them.
+            saved = config if isinstance(config, Mapping) else {}
+            diff = {k: (_bounded(saved.get(k)), _bounded(v)) for k, v in mine.items()}
+            diff = {k: d for k, d in diff.items() if saved.get(k) != mine[k]}
+            raise ValueError(
+                f"saved {kind} configuration differs from this one (saved, current): "
+                f"{diff or _bounded(config)}"
+            )
+        emas = state.get("emas")
+        if not isinstance(emas, list) or not emas or not isinstance(emas[0], Mapping):
+            raise ValueError(f"saved emas must be a list of EMA states, got {_bounded(emas)}")
+        step = positive_int(emas[0].get("step"), "saved step", minimum=0)
+        num_updates = positive_int(emas[0].get("num_updates"), "saved num_updates", minimum=0)
+        snapshots = self._parse_snapshots(state.get("snapshots"), step, num_updates)
+        self._check_directory(snapshots)
+        self.multi.load_state_dict({"format": "emaweights.MultiEMA", "emas": emas}, strict)
+        self.snapshots = snapshots
+
+    def _parse_snapshots(
+        self, entries: object, step: int, num_updates: int
+    ) -> list[dict[str, Any]]:
+        width = len(self.gammas)
+        if not isinstance(entries, list) or len(entries) % width or len(entries) > MAX_SNAPSHOTS:
+            raise ValueError(
+                f"saved snapshots must be a list of a multiple of {width} entries (at most "
+                f"{MAX_SNAPSHOTS}), got {_bounded(entries)}"
+            )
+        out = [
+            _snapshot_entry(self.directory, e, f"saved snapshot {i}") for i, e in enumerate(entries)
+        ]
+        last = (0, 0)
+        for i, e in enumerate(out):
+            where = f"saved snapshot {i}"
+            if e["file"] != f"{i:06d}.safetensors" or e["gamma"] != self.gammas[i % width]:
+                raise ValueError(
+                    f"{where}: expected file {i:06d}.safetensors of gamma "
+                    f"{self.gammas[i % width]!r}, got {_bounded(e['file'])} of {e['gamma']!r}"
+                )
+            here = (e["step"], e["num_updates"])
+            first = out[i - i % width]
+            if i % width and here != (first["step"], first["num_updates"]):
+                raise ValueError(f"{where}: step/num_updates {here} differ from its group's")
+            if here < last or here[1] < last[1]:
+                raise ValueError(f"{where}: step/num_updates {here} go back from {last}")
+            last = here
+        if last[0] > step or last[1] > num_updates:
+            raise ValueError(
+                f"saved snapshots reach step {last[0]} ({last[1]} updates), past the saved "
+                f"step {step} ({num_updates} updates)"
+            )
+        return out
+
+    def _check_directory(self, snapshots: list[dict[str, Any]]) -> None:
+        """The directory must hold exactly the state's snapshots (a resume continues it)."""
+        folder = self.directory
+        if not (folder / MANIFEST).exists():
+            if snapshots:
+                raise LoadError(
+                    f"the state lists {len(snapshots)} snapshots but {str(folder)!r} has no "
+                    f"{MANIFEST}: resume in the directory the run wrote"
+                )
+            return
+        manifest = load_manifest(folder)
+        listed = manifest["snapshots"]
+        if listed != snapshots:
+            same = next(
+                (i for i, (a, b) in enumerate(zip(listed, snapshots, strict=False)) if a != b),
+                min(len(listed), len(snapshots)),
+            )
+            raise LoadError(
+                f"{str(folder / MANIFEST)!r} lists {len(listed)} snapshots, the state "
+                f"{len(snapshots)}; they differ from entry {same} on (the manifest's steps: "
+                f"{_snapshot_steps(listed)}). Resume from the checkpoint that matches the "
+                "directory, or in a copy of the directory cut to the state's snapshots"
+            )
+        mine = self._manifest()
+        for key in ("snapshot_every", "update_every", "start_step"):
+            if manifest[key] != mine[key]:
+                raise LoadError(f"{MANIFEST}: {key} {manifest[key]} differs from this {mine[key]}")
+        for entry in snapshots:
+            _regular_file(folder / entry["file"], "snapshot")
+
+    def __repr__(self) -> str:
+        return (
+            f"PostHocEMA(sigma_rels={self.sigma_rels}, snapshot_every={self.snapshot_every}, "
+            f"step={self.step}, snapshots={len(self.snapshots)})"
+        )
 
 
 def _safetensors() -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conformance.registry import BY_NAME, bn_model, train_step
+from tests.conformance.registry import BY_NAME, bn_model, train_step, use_scratch
 
 
 def main(name: str, folder: Path, shape: str = "bn") -> None:
@@ -27,6 +27,7 @@ def main(name: str, folder: Path, shape: str = "bn") -> None:
 
         model = models.BY_NAME[shape].make(1)
         step_fn = models.train_step
+    use_scratch(folder)  # an averager's files (snapshots) are where its run wrote them
     saved = torch.load(folder / "at3.pt", weights_only=True)
     model.load_state_dict(saved["model"])
     averager = BY_NAME[name].make(model)

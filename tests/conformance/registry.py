@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +14,36 @@ from torch import nn
 
 import emaweights
 from emaweights import EMA, SWA, MultiEMA, SwitchEMA
+from emaweights.post_hoc import PostHocEMA
+
+# Where averagers that write files (PostHocEMA's snapshots) put them: the n-th one
+# made since use_scratch(root) writes in root / "files<n>", so that a resume in a new
+# process that calls use_scratch with the same root finds the directory its run wrote.
+_SCRATCH: dict[str, Any] = {"root": None, "count": 0}
+
+
+def use_scratch(root: Path) -> None:
+    """Put the files of the averagers made from now on under ``root``, numbered from 0."""
+    _SCRATCH.update(root=Path(root), count=0)
+
+
+def scratch_dir() -> Path:
+    """A fresh directory for one averager's files (under a temporary root if none is set)."""
+    if _SCRATCH["root"] is None:
+        use_scratch(Path(tempfile.mkdtemp(prefix="emaweights-conformance-")))
+    folder: Path = _SCRATCH["root"] / f"files{_SCRATCH['count']}"
+    _SCRATCH["count"] += 1
+    return folder
+
+
+def copy_files(root: Path, dest: Path) -> None:
+    """Copy the files written under ``root`` into ``dest``, as they are now.
+
+    A resume test copies them at the checkpoint: the uninterrupted run goes on
+    writing under ``root``, and a state is loadable only with the files it lists.
+    """
+    if Path(root).is_dir():
+        shutil.copytree(root, dest, dirs_exist_ok=True)
 
 
 @dataclass(frozen=True)
@@ -19,6 +52,15 @@ class Case:
 
     name: str
     make: Callable[..., Any]  # (model, **options) -> averager
+    # (source, model, **options) -> an averager that can load source's state in this
+    # process (PostHocEMA: in source's snapshot directory); default: make(model).
+    make_like: Callable[..., Any] | None = None
+
+    def like(self, source: Any, model: nn.Module, **options: Any) -> Any:
+        """An averager of this case on ``model`` that can load ``source``'s state."""
+        if self.make_like is None:
+            return self.make(model, **options)
+        return self.make_like(source, model, **options)
 
 
 AVERAGERS = [
@@ -34,6 +76,11 @@ AVERAGERS = [
     Case("LAWA", lambda m, **o: emaweights.LAWA(m, k=2, **o)),
     Case("BEMA", lambda m, **o: emaweights.BEMA(m, **o)),
     Case("PullBack", lambda m, **o: emaweights.PullBack(m, update_every=2, **o)),
+    Case(
+        "PostHocEMA",
+        lambda m, **o: PostHocEMA(m, scratch_dir(), snapshot_every=2, **o),
+        lambda src, m, **o: PostHocEMA(m, src.directory, snapshot_every=2, **o),
+    ),
 ]
 
 BY_NAME = {c.name: c for c in AVERAGERS}

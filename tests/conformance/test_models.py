@@ -24,7 +24,7 @@ from tests.conformance.models import (
     process_group,
     train_step,
 )
-from tests.conformance.registry import AVERAGERS, Case
+from tests.conformance.registry import AVERAGERS, Case, copy_files, use_scratch
 from tests.conformance.registry import BY_NAME as BY_NAME_AVG
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,7 +161,7 @@ def test_plain_compiled_and_ddp_agree_on_names_and_values(case: Case, group: Non
         for key, value in reference.items():
             assert torch.equal(out[key], value), (name, key)
         # a state saved from the wrapped run resumes the plain one (DDP training, plain eval)
-        other = _run(case, conv_net(0), steps=0)
+        other = case.like(averager, conv_net(0))
         other.load_state_dict(averager.state_dict())
         for key, value in reference.items():
             assert torch.equal(other.averaged_state_dict()[key], value), (name, key)
@@ -390,12 +390,14 @@ def gpt2_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     expected = {}
     for case in AVERAGERS:
         model = gpt2(0)
+        use_scratch(folder / case.name / "run")  # files the uninterrupted run writes
         averager = _run(case, model)
-        (folder / case.name).mkdir()
+        (folder / case.name).mkdir(exist_ok=True)
         torch.save(
             {"model": model.state_dict(), "averager": averager.state_dict()},
             folder / case.name / "at3.pt",
         )
+        copy_files(folder / case.name / "run", folder / case.name)  # the worker's, at step 3
         for step in range(4, 7):
             train_step(model, step)
             averager.update()

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from emaweights.averager import AveragerProtocol
-from tests.conformance.registry import AVERAGERS, Case, Tied, bn_model, train_step
+from tests.conformance.registry import (
+    AVERAGERS,
+    Case,
+    Tied,
+    bn_model,
+    copy_files,
+    train_step,
+    use_scratch,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 cases = pytest.mark.parametrize("case", AVERAGERS, ids=[c.name for c in AVERAGERS])
@@ -52,10 +60,12 @@ def test_protocol_attributes(case: Case) -> None:
 @cases
 def test_resume_in_a_new_process_is_bitwise(case: Case, tmp_path: Path) -> None:
     """State saved at step 3 and resumed in a fresh interpreter equals the uninterrupted run."""
+    use_scratch(tmp_path / "run")  # files the uninterrupted run writes (post-hoc snapshots)
     model, averager = _trained(case)
     torch.save(
         {"model": model.state_dict(), "averager": averager.state_dict()}, tmp_path / "at3.pt"
     )
+    copy_files(tmp_path / "run", tmp_path)  # the worker resumes with the files of step 3
     for step in range(4, 7):
         train_step(model, step)
         averager.update()
