@@ -231,9 +231,13 @@ class PostHocEMA:
         return self.multi.is_applied
 
     @property
-    def shadow(self) -> dict[str, Tensor]:
-        """The first profile's averaged tensors by canonical name (views)."""
+    def shadow(self) -> Mapping[str, Tensor]:
+        """The first profile's averaged tensors by canonical name (read-only views)."""
         return self.multi[0].shadow
+
+    def stats(self, drift: bool = False) -> dict[str, Any]:
+        """Each profile's observables (see :meth:`MultiEMA.stats`)."""
+        return self.multi.stats(drift)
 
     def apply_shadow(self, index: int = 0) -> None:
         """Swap the ``index``-th average into the model (see :meth:`EMA.apply_shadow`)."""
