@@ -53,6 +53,20 @@ def test_update_bn_inside_applied_reaches_the_average() -> None:
     assert torch.equal(swa.averaged_state_dict()["1.running_mean"], stats)
 
 
+def test_update_bn_inside_ema_applied_is_put_back() -> None:
+    """EMA.applied(): buffers recomputed inside are discarded at restore, the live ones return."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    ema = EMA(model, 0.9, anchor="debiased")
+    ema.update()
+    before, live = ema.averaged_state_dict()["1.running_mean"], model[1].running_mean.clone()
+    with ema.applied() as m:
+        update_bn([torch.randn(8, 4) * 3 + 1 for _ in range(3)], m)
+        assert not torch.equal(m[1].running_mean, before)
+    assert torch.equal(ema.averaged_state_dict()["1.running_mean"], before)
+    assert torch.equal(model[1].running_mean, live)
+
+
 def test_write_through_data_is_detected() -> None:
     """p.data.mul_(0) on the swapped-in average raises SwapError at restore."""
     model = _mlp()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from emaweights import EMA
 from emaweights.averager import EarlyAverageWarning
@@ -72,3 +73,23 @@ def test_no_warning_before_any_update_or_once_the_start_is_forgotten() -> None:
         for ema in (fresh, late):
             with ema.applied():
                 pass
+
+
+@pytest.mark.parametrize("use", ["applied", "module", "copy_to", "averaged_state_dict"])
+def test_the_warning_points_at_the_users_line(use: str) -> None:
+    """EarlyAverageWarning names the caller's file, not contextlib, torch or this package."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = EMA(model, 0.99)
+    ema.update()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if use == "applied":
+            with ema.applied():
+                pass
+        elif use == "module":
+            ema.module(torch.randn(3, 2))
+        else:
+            getattr(ema, use)()
+    early = [w for w in caught if issubclass(w.category, EarlyAverageWarning)]
+    assert len(early) == 1 and early[0].filename == __file__
+    assert "after 1 update the" in str(early[0].message)

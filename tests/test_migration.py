@@ -114,7 +114,9 @@ def _assert_equivalent(
         expected = anchor.evaluate(x)
         with ours.applied():
             got = model(x)
+        called = ours.module(x)  # the averaged model to call, like timm's ema.module
     torch.testing.assert_close(got, expected, **tol)
+    torch.testing.assert_close(called, expected, **tol)
     return model, anchor, ours
 
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import os
 import reprlib
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -647,13 +649,14 @@ class Averager:
         ):
             return
         self._warned_early = True
+        n = self.num_updates
         warnings.warn(
-            f"{type(self).__name__}.{what}: after {self.num_updates} updates the average "
+            f"{type(self).__name__}.{what}: after {n} update{'' if n == 1 else 's'} the average "
             f"still holds {init:.0%} of the starting weights (init_weight={init:.3g}). Right "
             "for fine-tuning (anchor='init' keeps the pre-trained weights); when training "
             "from scratch pass anchor='debiased' or a warm-up schedule",
             EarlyAverageWarning,
-            stacklevel=3,
+            stacklevel=_user_stacklevel(),
         )
 
     def copy_to(self, model: nn.Module | None = None) -> None:
@@ -823,6 +826,23 @@ class Averager:
             f"start_step={self.start_step}, tensors={len(self._shadow.tensors)}, "
             f"step={self.step}, num_updates={self.num_updates})"
         )
+
+
+# Frames a warning should not point at: this package, contextlib (``applied()``) and
+# torch (``module(x)`` runs through ``nn.Module.__call__``).
+_INTERNAL = (
+    os.path.dirname(__file__) + os.sep,
+    os.path.dirname(torch.__file__) + os.sep,
+    contextlib.__file__ or "contextlib.py",
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points ``warnings.warn`` at the first frame outside the internals."""
+    frame, level = sys._getframe(1), 1  # the frame calling warnings.warn
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class ReadOnlyTensors(dict[str, Tensor]):
