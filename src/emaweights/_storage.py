@@ -17,6 +17,7 @@ from torch import nn
 
 from emaweights._naming import BufferPolicy, collect
 from emaweights._sharding import reshard
+from emaweights.averager import check_bool
 from emaweights.shadow import Rounding, Shadow
 
 __all__ = ["StorageOptions"]
@@ -51,8 +52,7 @@ class StorageOptions:
                 f"exclude must be a sequence of patterns, got the string {self.exclude!r}"
             )
         for name in ("overlap", "compiled"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(getattr(self, name), name)
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.device is not None:
             object.__setattr__(self, "device", torch.device(self.device))

@@ -94,7 +94,7 @@ def check_bool(value: object, what: str, *, allow_none: bool = False) -> None:
     """
     if isinstance(value, bool) or (allow_none and value is None):
         return
-    allowed = "True, False or None" if allow_none else "True or False"
+    allowed = "a bool or None" if allow_none else "a bool"
     raise TypeError(f"{what} must be {allowed}, got {_short(value)}")
 
 

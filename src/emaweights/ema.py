@@ -187,11 +187,9 @@ class EMA(Averager):
         self._device = torch.device(device) if device is not None else None
         self._foreach = foreach
         self._rounding: Rounding = rounding
-        if not isinstance(overlap, bool):
-            raise TypeError(f"overlap must be a bool, got {overlap!r}")
+        check_bool(overlap, "overlap")
         self._overlap = overlap
-        if not isinstance(compiled, bool):
-            raise TypeError(f"compiled must be a bool, got {compiled!r}")
+        check_bool(compiled, "compiled")
         self._compiled = compiled
         if seed is None and rounding == "stochastic":
             # drawn once here, so that register() restarts the same noise stream

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from emaweights.averager import check_bool
 from emaweights.integrations._adapter import (
     AveragerFactory,
     Evaluation,
@@ -133,8 +134,7 @@ class EMACallback(_Callback):  # type: ignore[misc]
             ("log_stats", log_stats),
             ("log_drift", log_drift),
         ):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be a bool, got {value!r}")
+            check_bool(value, flag)
         self._factory = ema_factory("EMACallback", decay, averager, ema_options)
         self.log_stats, self.log_drift = log_stats or log_drift, log_drift
         self.decay = decay

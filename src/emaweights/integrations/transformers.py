@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from emaweights._naming import unwrap
+from emaweights.averager import check_bool
 from emaweights.integrations._adapter import (
     AveragerFactory,
     Evaluation,
@@ -113,8 +114,7 @@ class EMACallback(_TrainerCallback):  # type: ignore[misc]
             ("log_stats", log_stats),
             ("log_drift", log_drift),
         ):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be a bool, got {value!r}")
+            check_bool(value, flag)
         self._factory = ema_factory("EMACallback", decay, averager, ema_options)
         self.log_stats, self.log_drift = log_stats or log_drift, log_drift
         self.state_file = state_file
